@@ -83,13 +83,13 @@ class WorldConfig(_Frozen):
     """A seeded scenario: town, traffic, agents and their sensors."""
 
     seed: int = 0
-    agents: int = Field(3, ge=2, le=8)
+    agents: int = Field(4, ge=2, le=8)
     """Agents in total; ids 0.. are vehicles, -1.. roadside units."""
-    roadside_units: int = Field(1, ge=0, le=7)
-    """How many of the agents are roadside units (capped so one vehicle remains)."""
+    roadside_units: int | None = Field(None, ge=0, le=7)
+    """How many of the agents are roadside units; default one per four agents (at least one)."""
     frames: int = Field(100, ge=1)
     rate_hz: float = Field(10.0, gt=0.0)
-    agent_spacing_m: tuple[float, float] = (15.0, 40.0)
+    agent_spacing_m: tuple[float, float] = (15.0, 60.0)
     """Other agents start this far (min, max) from the ego."""
     town: TownConfig = TownConfig()
     traffic: TrafficConfig = TrafficConfig()
@@ -99,13 +99,17 @@ class WorldConfig(_Frozen):
 
     @model_validator(mode="after")
     def _one_vehicle_at_least(self) -> "WorldConfig":
-        if self.roadside_units >= self.agents:
+        if self.roadside_unit_count >= self.agents:
             raise ValueError(
-                f"roadside_units={self.roadside_units} leaves no vehicle agent among agents={self.agents}; "
+                f"roadside_units={self.roadside_unit_count} leaves no vehicle agent among agents={self.agents}; "
                 "at most agents-1 roadside units are allowed"
             )
         return self
 
     @property
+    def roadside_unit_count(self) -> int:
+        return self.roadside_units if self.roadside_units is not None else max(1, self.agents // 4)
+
+    @property
     def vehicle_agents(self) -> int:
-        return self.agents - self.roadside_units
+        return self.agents - self.roadside_unit_count

@@ -197,13 +197,13 @@ def _bezier(p0: np.ndarray, d0: np.ndarray, p2: np.ndarray, d2: np.ndarray, n: i
     return [(1 - t) ** 2 * p0 + 2 * (1 - t) * t * ctrl + t**2 * p2 for t in ts]
 
 
-def random_route(town: Town, start: int, nxt: int, length_m: float, rng: np.random.Generator) -> Path:
-    """A random walk over the grid (no U-turns) long enough for ``length_m``."""
+def random_walk(town: Town, start: int, nxt: int, length_m: float, rng: np.random.Generator) -> list[int]:
+    """Intersections of a random drive over the grid (no U-turns) long enough for ``length_m``."""
     nodes = [start, nxt]
     while (len(nodes) - 1) * town.pitch_m < length_m + town.pitch_m:
         options = [n for n in town.neighbours(nodes[-1]) if n != nodes[-2]]
         nodes.append(int(rng.choice(options)))
-    return lane_route(town, nodes)
+    return nodes
 
 
 def pavement_loop(town: Town, block_i: int, block_j: int, clockwise: bool) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 from agents.frames import ObjectClass
 from agents.world.config import WorldConfig
 from agents.world.town import (INTERSECTION_HALF_M, LANE_OFFSET_M, PARKING_OFFSET_M, Path, Town,
-                               pavement_loop, random_route)
+                               lane_route, pavement_loop, random_walk)
 
 FIRST_OBJECT_ID = 100
 """Ids below this are reserved for the agents (vehicle agents 0.., roadside units -1..)."""
@@ -100,17 +100,15 @@ def simulate_traffic(town: Town, config: WorldConfig, rng: np.random.Generator) 
     spots = _lane_spots(town, step_m=4.0)
     interior = [s for s in spots if np.abs(s.xy).max() < town.extent_m[1] - town.pitch_m / 2] or spots
     ego = interior[int(rng.integers(len(interior)))]
+    ego_nodes = random_walk(town, ego.start, ego.end, route_len_m, rng)
     origin = ego.xy
     taken: list[np.ndarray] = [origin]
-    lo, hi = config.agent_spacing_m
-    # Other agents drive on other streets than the ego's block face: collaboration pays off
-    # where one agent's view is blocked by buildings that another one looks past.
-    ego_street = {ego.start, ego.end}
-    near = [s for s in spots if lo <= np.linalg.norm(s.xy - origin) <= hi and {s.start, s.end} != ego_street]
-    agent_spots = [ego] + _pick(near, taken, 10.0, config.vehicle_agents - 1, rng)
+    agent_spots = [ego]
+    for group in _helper_spots(spots, ego, ego_nodes, config):
+        agent_spots += _pick(group, taken, 10.0, config.vehicle_agents - len(agent_spots), rng)
     if len(agent_spots) < config.vehicle_agents:
-        raise ValueError(f"no room for {config.vehicle_agents} vehicle agents within {hi} m of the ego")
-    rsu_poses = _place_rsus(town, config, origin, taken, rng)
+        raise ValueError(f"no room for {config.vehicle_agents} vehicle agents near the ego")
+    rsu_poses = _place_rsus(town, config, ego_nodes, taken, rng)
 
     in_radius = [s for s in spots if np.linalg.norm(s.xy - origin) <= config.traffic.spawn_radius_m]
     traffic_spots = _pick(in_radius, taken, 9.0, config.traffic.moving_vehicles, rng)
@@ -122,7 +120,8 @@ def simulate_traffic(town: Town, config: WorldConfig, rng: np.random.Generator) 
         # Agent vehicles are cars, so their roof-mounted sensors sit at a known height.
         sizes.append(_vehicle_size(rng, 0.0 if k < len(agent_spots) else config.traffic.truck_share))
         desired = rng.uniform(5.0, 10.0)
-        path = random_route(town, spot.start, spot.end, route_len_m, rng)
+        nodes = ego_nodes if k == 0 else random_walk(town, spot.start, spot.end, route_len_m, rng)
+        path = lane_route(town, nodes)
         movers.append(_Mover(path=path, s_m=spot.s_m, speed_mps=desired, desired_mps=desired))
 
     parked = _parked_boxes(town, config, origin, rng)
@@ -150,24 +149,36 @@ def simulate_traffic(town: Town, config: WorldConfig, rng: np.random.Generator) 
                       speeds_mps=speeds, rsu_poses=rsu_poses)
 
 
-def _place_rsus(town: Town, config: WorldConfig, origin: np.ndarray, taken: list[np.ndarray],
+def _helper_spots(spots: list[_LaneSpot], ego: _LaneSpot, ego_nodes: list[int],
+                  config: WorldConfig) -> list[list[_LaneSpot]]:
+    """Where the other vehicle agents start, best first: on other streets, heading for the
+    intersections the ego is about to cross, so that they see around the corners the ego cannot
+    see past; then any other street nearby; then further away, as many agents need room."""
+    lo, hi = config.agent_spacing_m
+    ego_street = {ego.start, ego.end}
+    distance = {id(s): float(np.linalg.norm(s.xy - ego.xy)) for s in spots}
+    other = [s for s in spots if {s.start, s.end} != ego_street and distance[id(s)] >= lo]
+    near = [s for s in other if distance[id(s)] <= hi]
+    ahead = [s for s in near if s.end in ego_nodes[1:3]]
+    rest = [s for s in near if s.end not in ego_nodes[1:3]]
+    far = sorted((s for s in other if distance[id(s)] > hi), key=lambda s: distance[id(s)])
+    return [ahead, rest, far]
+
+
+def _place_rsus(town: Town, config: WorldConfig, ego_nodes: list[int], taken: list[np.ndarray],
                 rng: np.random.Generator) -> dict[int, tuple[float, float, float]]:
-    """Roadside units stand on pavement corners of the intersections next to the ego."""
-    corners = []
-    for node in town.node_xy:
-        for sx in (-1.0, 1.0):
-            for sy in (-1.0, 1.0):
-                xy = node + np.array([sx, sy]) * 8.0
-                # On a corner of an intersection close enough to share the ego's surroundings.
-                if np.linalg.norm(xy - origin) <= 55.0:
-                    corners.append((xy, node))
-    chosen = _pick(corners, taken, 10.0, config.roadside_units, rng, key=lambda c: c[0])
-    if len(chosen) < config.roadside_units:
-        raise ValueError(f"no room for {config.roadside_units} roadside units near the ego")
-    poses = {}
-    for k, (xy, node) in enumerate(chosen):
-        to_centre = node - xy
-        poses[-(k + 1)] = (float(xy[0]), float(xy[1]), float(np.arctan2(to_centre[1], to_centre[0])))
+    """Roadside units stand on pavement corners of the intersections the ego drives through next."""
+    poses: dict[int, tuple[float, float, float]] = {}
+    for node in ego_nodes[1:]:
+        if len(poses) == config.roadside_unit_count:
+            break
+        centre = town.node_xy[node]
+        corners = [centre + np.array([sx, sy]) * 8.0 for sx in (-1.0, 1.0) for sy in (-1.0, 1.0)]
+        for xy in _pick(corners, taken, 10.0, 1, rng, key=lambda c: c):
+            to_centre = centre - xy
+            poses[-(len(poses) + 1)] = (float(xy[0]), float(xy[1]), float(np.arctan2(to_centre[1], to_centre[0])))
+    if len(poses) < config.roadside_unit_count:
+        raise ValueError(f"no room for {config.roadside_unit_count} roadside units along the ego's route")
     return poses
 
 

@@ -35,7 +35,7 @@ class SyntheticWorld:
         self.traffic: TrafficLog = simulate_traffic(self.town, config, rng)
         self.scenario = f"synthetic_seed{config.seed}"
         self.agent_ids: tuple[int, ...] = tuple(range(config.vehicle_agents)) + tuple(
-            -(k + 1) for k in range(config.roadside_units))
+            -(k + 1) for k in range(config.roadside_unit_count))
         self._directions = sensors.lidar_directions(
             config.lidar.beams, config.lidar.elevation_deg, config.lidar.azimuth_steps)
         self._intrinsic = sensors.pinhole_intrinsic(

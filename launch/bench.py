@@ -1,0 +1,75 @@
+"""``cpstream bench NAME``: benchmarks that print and save medians."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from agents import SceneFrame, SyntheticWorld, write_scene_frame
+from launch.console import console, progress
+from launch.world_cmd import add_world_options, world_config
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import os
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def bench_world(args: argparse.Namespace) -> dict:
+    """Seconds per agent-frame to ray cast the LiDAR and render the cameras, and to write them."""
+    config = world_config(args)
+    world = SyntheticWorld(config)
+    render_s, write_s = [], []
+    with tempfile.TemporaryDirectory() as tmp, progress() as bar:
+        task = bar.add_task("world frames", total=len(world) * len(world.agent_ids))
+        for index in range(len(world)):
+            for agent_id in world.agent_ids:
+                start = time.perf_counter()
+                agent = world.agent_frame(index, agent_id)
+                rendered = time.perf_counter()
+                write_scene_frame(Path(tmp), SceneFrame(world.scenario, index, index / config.rate_hz,
+                                                        {agent_id: agent}))
+                render_s.append(rendered - start)
+                write_s.append(time.perf_counter() - rendered)
+                bar.advance(task)
+    total = [r + w for r, w in zip(render_s, write_s)]
+    return {"agent_frames": len(render_s), "cameras": config.camera.count, "lidar_rays": config.lidar.beams *
+            config.lidar.azimuth_steps, "render_s": _summary(render_s), "write_s": _summary(write_s),
+            "total_s": _summary(total)}
+
+
+def _summary(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": round(statistics.median(ordered), 4), "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 4),
+            "min": round(ordered[0], 4)}
+
+
+BENCHES = {"world": bench_world}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = {"bench": args.name, "machine": machine(), **BENCHES[args.name](args)}
+    console.print_json(json.dumps(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="benchmarks (medians over repeated runs)")
+    parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    add_world_options(parser)
+    parser.set_defaults(func=cmd_bench)
