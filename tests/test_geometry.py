@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -230,7 +229,7 @@ def _brute_force_points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.nd
     )
 
 
-def test_points_in_boxes_matches_brute_force_and_is_fast() -> None:
+def test_points_in_boxes_matches_brute_force() -> None:
     rng = np.random.default_rng(1)
     points = np.column_stack([rng.uniform(-70, 70, (60_000, 2)), rng.uniform(-3, 1, 60_000)])
     boxes = np.column_stack(
@@ -241,11 +240,9 @@ def test_points_in_boxes_matches_brute_force_and_is_fast() -> None:
             rng.uniform(-3, 3, 150),  # yaw
         ]
     )
-    start_s = time.perf_counter()
     inside = points_in_boxes(points, boxes)
-    elapsed_s = time.perf_counter() - start_s
     np.testing.assert_array_equal(inside, _brute_force_points_in_boxes(points, boxes))
-    assert elapsed_s < 0.5  # ~20 ms here; generous for loaded CI machines.
+    assert inside.any()  # the comparison is not vacuous
 
 
 # --- BEV IoU ----------------------------------------------------------------------------------
