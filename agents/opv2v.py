@@ -39,10 +39,21 @@ class DatasetError(Exception):
     """A dataset file is missing or malformed; the message names the file."""
 
 
+_EMPTY_PCD = (b"# .PCD v0.7 - Point Cloud Data file format\nVERSION 0.7\nFIELDS x y z intensity\nSIZE 4 4 4 4\n"
+              b"TYPE F F F F\nCOUNT 1 1 1 1\nWIDTH 0\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS 0\nDATA binary\n")
+
+
 # ----------------------------------------------------------------------------- point clouds
 
 def write_pcd(path: Path, points: np.ndarray) -> None:
-    """Write ``[N, 4]`` x, y, z, intensity as a binary PCD file."""
+    """Write ``[N, 4]`` x, y, z, intensity as a binary PCD file (``N`` may be 0)."""
+    if len(points) == 0:
+        # open3d refuses to write a cloud without points; an empty sweep is still a valid frame.
+        try:
+            Path(path).write_bytes(_EMPTY_PCD)
+        except OSError as err:
+            raise DatasetError(f"{path}: could not write point cloud: {err.strerror}") from err
+        return
     cloud = o3d.t.geometry.PointCloud(o3d.core.Tensor(np.ascontiguousarray(points[:, :3], dtype=np.float32)))
     cloud.point.intensity = o3d.core.Tensor(np.ascontiguousarray(points[:, 3:4], dtype=np.float32))
     if not o3d.t.io.write_point_cloud(str(path), cloud):
@@ -92,6 +103,13 @@ def read_pcd(path: Path) -> np.ndarray:
     if fmt == "binary" and len(raw) - data_start < n_points * row_bytes:
         raise DatasetError(f"{path}: truncated: header declares {n_points} points ({n_points * row_bytes} bytes), "
                            f"file holds {len(raw) - data_start} bytes of data")
+    if fmt == "ascii":
+        # open3d fills the rows a short ASCII file lacks with uninitialised memory instead of failing.
+        rows = sum(1 for line in raw[data_start:].splitlines() if line.strip())
+        if rows < n_points:
+            raise DatasetError(f"{path}: truncated: header declares {n_points} points, file holds {rows} data lines")
+    if n_points == 0:
+        return np.zeros((0, 4), np.float32)  # open3d cannot parse a header without points
     cloud = o3d.t.io.read_point_cloud(str(path))
     xyz = cloud.point.positions.numpy() if "positions" in cloud.point else np.zeros((0, 3), np.float32)
     if len(xyz) != n_points:
@@ -200,7 +218,7 @@ def _objects(path: Path, entries, object_class: ObjectClass, key: str) -> list[O
 
 def _cameras(path: Path, doc: dict, world_from_lidar: np.ndarray, folder: Path, stamp: str,
              load_images: bool) -> tuple[CameraImage, ...]:
-    ours = doc.get(OUR_KEY, {}).get("cameras", {})
+    ours = (doc.get(OUR_KEY) or {}).get("cameras") or {}
     cams = []
     for k in range(4):
         name = f"camera{k}"
@@ -297,7 +315,7 @@ class Scenario:
         ego = agents[min(a for a in agents if a >= 0)]
         default_time = index * 0.1
         path = self.path / str(ego.agent_id) / f"{stamp}.yaml"
-        timestamp_s = float(_read_yaml(path).get(OUR_KEY, {}).get("timestamp_s", default_time))
+        timestamp_s = float((_read_yaml(path).get(OUR_KEY) or {}).get("timestamp_s", default_time))
         return SceneFrame(scenario=self.name, frame_index=int(stamp) if stamp.isdigit() else index,
                           timestamp_s=timestamp_s, agents=agents)
 

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pydantic import ValidationError
+from rich.markup import escape
 
 from launch import bench, world_cmd
 from launch.console import console, setup_logging
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI's edge: one clear line instead of a traceback
         if args.debug:
             raise
-        console.print(f"[red]error:[/red] {_one_line(err)}", highlight=False, soft_wrap=True)
+        # escape: the message names files, and a path like runs/[v2]/ must not be read as markup.
+        console.print(f"[red]error:[/red] {escape(_one_line(err))}", highlight=False, soft_wrap=True, emoji=False)
         return 2
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from agents import DatasetError, OPV2VDataset, SyntheticWorld, WorldConfig, visibility_stats, write_scene_frame
@@ -104,7 +105,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                       str(d["gap_pct_points"]))
     console.print(table)
     if skipped:
-        console.print(f"[yellow]skipped {len(skipped)} bad frame(s); first: {skipped[0]}")
+        console.print(f"[yellow]skipped {len(skipped)} bad frame(s); first: {escape(skipped[0])}", emoji=False)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

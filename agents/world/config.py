@@ -82,7 +82,8 @@ class NoiseConfig(_Frozen):
 class WorldConfig(_Frozen):
     """A seeded scenario: town, traffic, agents and their sensors."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+    """Everything in the world follows from it (numpy seeds must be non-negative)."""
     agents: int = Field(4, ge=2, le=8)
     """Agents in total; ids 0.. are vehicles, -1.. roadside units."""
     roadside_units: int | None = Field(None, ge=0, le=7)

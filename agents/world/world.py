@@ -105,7 +105,11 @@ class SyntheticWorld:
             return true_pose.copy()
         dx, dy = rng.normal(0.0, noise.pose_xy_m, 2)
         dyaw = np.deg2rad(rng.normal(0.0, noise.pose_yaw_deg))
-        return se3_from_xyz_rpy(dx, dy, 0.0, 0.0, 0.0, dyaw) @ true_pose
+        # Turn the heading about the agent itself: a rotation about the world origin would also
+        # move the reported position, by the heading error times the distance to the origin.
+        reported = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, dyaw) @ true_pose
+        reported[:3, 3] = true_pose[:3, 3] + [dx, dy, 0.0]
+        return reported
 
     def lidar_from_camera(self, agent_id: int, camera: int) -> np.ndarray:
         """Exact ``[4, 4]`` mount of camera ``camera`` (OpenCV axes) on the agent's LiDAR."""

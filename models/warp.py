@@ -1,0 +1,78 @@
+"""Moving BEV features between agents' grids, and merging them.
+
+The warp is a pure function of the relative pose and the grid spec: a cell of
+the ego's grid takes the (bilinearly sampled) feature found at the same world
+point in the agent's grid. Only the planar part of the pose (x, y, yaw) is
+used: BEV features have no height axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.bev import BevGrid
+
+
+def bev_affine(agent_from_ego: torch.Tensor, grid: BevGrid) -> torch.Tensor:
+    """``[N, 2, 3]`` affine map from ego-grid to agent-grid normalised coordinates.
+
+    ``agent_from_ego`` is ``[N, 4, 4]`` (or ``[N, 3, 3]`` SE(2)). Normalised
+    coordinates are those of ``F.affine_grid`` with ``align_corners=False``:
+    -1 and +1 are the outer edges of the first and last cells.
+    """
+    rotation = agent_from_ego[:, :2, :2]  # [N, 2, 2]
+    translation = agent_from_ego[:, :2, -1]  # [N, 2]
+    scale = agent_from_ego.new_tensor([(grid.x_max_m - grid.x_min_m) / 2, (grid.y_max_m - grid.y_min_m) / 2])
+    centre = agent_from_ego.new_tensor([(grid.x_max_m + grid.x_min_m) / 2, (grid.y_max_m + grid.y_min_m) / 2])
+    # metres = scale * u + centre; u_agent = S^-1 (R (S u_ego + c) + t - c)
+    theta_linear = rotation * scale[None, None, :] / scale[None, :, None]
+    theta_shift = ((rotation @ centre) + translation - centre) / scale
+    return torch.cat([theta_linear, theta_shift[:, :, None]], dim=2)
+
+
+def warp_to_ego(features: torch.Tensor, ego_from_agent: torch.Tensor, grid: BevGrid,
+                mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample each agent's features ``[N, C, H, W]`` into the ego's grid.
+
+    Args:
+        features: per-agent BEV features on ``grid`` (any resolution covering it).
+        ego_from_agent: ``[N, 4, 4]`` pose of each agent's grid frame in the ego's.
+        grid: the grid both feature maps cover (in their own frames).
+        mode: ``bilinear`` or ``nearest``.
+
+    Returns:
+        warped ``[N, C, H, W]`` and a coverage mask ``[N, 1, H, W]`` (1 where
+        the ego cell lies inside the agent's grid).
+    """
+    agent_from_ego = torch.linalg.inv(ego_from_agent.to(features.dtype))
+    theta = bev_affine(agent_from_ego, grid)
+    sample_at = F.affine_grid(theta, list(features.shape), align_corners=False)
+    warped = F.grid_sample(features, sample_at, mode=mode, padding_mode="zeros", align_corners=False)
+    inside = (sample_at.abs() <= 1.0).all(dim=-1, keepdim=True).permute(0, 3, 1, 2).to(features.dtype)
+    return warped, inside
+
+
+def max_merge(features: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over agents ``[N, C, H, W]`` -> ``[1, C, H, W]`` (uncovered cells ignored)."""
+    masked = features.masked_fill(coverage <= 0, float("-inf"))
+    merged = masked.max(dim=0, keepdim=True).values
+    return torch.nan_to_num(merged, neginf=0.0)
+
+
+class AttentionMerge(nn.Module):
+    """Per-cell softmax over agents of a learned confidence (a 1x1 conv of each agent's features).
+
+    Agents that do not cover a cell get no weight there; a cell nobody covers
+    is zero. With one agent it returns that agent's features unchanged.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.score = nn.Conv2d(channels, 1, kernel_size=1)
+
+    def forward(self, features: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+        logits = self.score(features).masked_fill(coverage <= 0, float("-inf"))  # [N, 1, H, W]
+        weights = torch.nan_to_num(torch.softmax(logits, dim=0), nan=0.0)
+        return (weights * features).sum(dim=0, keepdim=True)
