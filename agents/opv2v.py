@@ -15,6 +15,7 @@ what is wrong with it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,11 +251,22 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def read_agent_frame(folder: Path, stamp: str, load_images: bool = True) -> AgentFrame:
-    """Read one agent's frame ``stamp`` from its folder."""
+    """Read one agent's frame ``stamp`` from its folder.
+
+    Raises:
+        DatasetError: naming the file, for anything missing or malformed.
+    """
     path = folder / f"{stamp}.yaml"
     if not path.is_file():
         raise DatasetError(f"{path}: missing (agent {folder.name} has no frame {stamp})")
-    doc = _read_yaml(path)
+    try:
+        return _parse_agent_frame(folder, stamp, path, _read_yaml(path), load_images)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        # Values of the wrong type deep in the yaml (a mapping where a list belongs, text for a number).
+        raise DatasetError(f"{path}: malformed value: {type(err).__name__}: {err}") from err
+
+
+def _parse_agent_frame(folder: Path, stamp: str, path: Path, doc: dict, load_images: bool) -> AgentFrame:
     if "lidar_pose" not in doc:
         raise DatasetError(f"{path}: missing key 'lidar_pose'")
     world_from_lidar = opv2v_pose_to_matrix(_numbers(path, "lidar_pose", doc["lidar_pose"], (6,)))
@@ -292,9 +304,9 @@ class Scenario:
         ids = []
         for child in sorted(path.iterdir()):
             if child.is_dir():
-                try:
+                if _is_int(child.name):
                     ids.append(int(child.name))
-                except ValueError:
+                else:
                     log.debug("skipping %s: not an agent folder", child)
         if not ids:
             raise DatasetError(f"{path}: no agent folders (integer names) in scenario")
@@ -315,7 +327,10 @@ class Scenario:
         ego = agents[min(a for a in agents if a >= 0)]
         default_time = index * 0.1
         path = self.path / str(ego.agent_id) / f"{stamp}.yaml"
-        timestamp_s = float((_read_yaml(path).get(OUR_KEY) or {}).get("timestamp_s", default_time))
+        try:
+            timestamp_s = float((_read_yaml(path).get(OUR_KEY) or {}).get("timestamp_s", default_time))
+        except (TypeError, ValueError) as err:
+            raise DatasetError(f"{path}: malformed value: {OUR_KEY}.timestamp_s: {err}") from err
         return SceneFrame(scenario=self.name, frame_index=int(stamp) if stamp.isdigit() else index,
                           timestamp_s=timestamp_s, agents=agents)
 
@@ -345,8 +360,6 @@ class OPV2VDataset:
 
 
 def _is_int(name: str) -> bool:
-    try:
-        int(name)
-    except ValueError:
-        return False
-    return True
+    """Whether a folder name is an agent id. Stricter than ``int()``, which takes
+    "2021_08_16_22_26_54" (an OPV2V scenario name) for 20210816222654."""
+    return re.fullmatch(r"-?[0-9]+", name) is not None

@@ -1,0 +1,53 @@
+"""From sensor records (agents) to detector samples (models): frames, ground truth, ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agents import SceneFrame
+from agents.frames import AgentFrame, ObjectClass
+from agents.visibility import points_on_boxes
+from models.bev import BevGrid
+from models.cooperative import CoopSample
+from models.geometry import invert_se3, transform_boxes
+
+MIN_POINTS_FOR_GT = 1
+"""An object is ground truth when at least this many LiDAR points of some agent fall on it."""
+
+
+def ground_pose(agent: AgentFrame, true: bool = False) -> np.ndarray:
+    """``world_from_ground``: the LiDAR pose moved down to the ground (world z = 0 is the ground).
+
+    The reported pose is what the system knows and fuses with; ``true=True``
+    takes the exact one when the data has it (for placing ground truth).
+    """
+    exact = true and agent.true_world_from_lidar is not None
+    pose = (agent.true_world_from_lidar if exact else agent.world_from_lidar).copy()
+    pose[2, 3] = 0.0
+    return pose
+
+
+def ground_points(agent: AgentFrame) -> np.ndarray:
+    """The agent's points ``[N, 4]`` in its ground frame (z = height above the ground)."""
+    points = agent.points.copy()
+    points[:, 2] += np.float32(agent.world_from_lidar[2, 3])
+    return points
+
+
+def coop_sample(frame: SceneFrame, grid: BevGrid, object_class: ObjectClass = ObjectClass.VEHICLE) -> CoopSample:
+    """The ego first, then the other agents by id; ground truth within the ego's grid that some agent sees."""
+    order = [frame.ego_id] + [a for a in sorted(frame.agents) if a != frame.ego_id]
+    agents = [frame.agents[a] for a in order]
+    ego_from_world = invert_se3(ground_pose(agents[0]))
+    ego_from_agent = np.stack([ego_from_world @ ground_pose(a) for a in agents])
+    objects = [o for o in frame.objects().values() if o.object_class == object_class and o.object_id != frame.ego_id]
+    boxes_world = np.stack([o.box_world for o in objects]) if objects else np.zeros((0, 7))
+    seen_by = np.stack([points_on_boxes(a, boxes_world) >= MIN_POINTS_FOR_GT for a in agents])  # [A, M]
+    gt = transform_boxes(invert_se3(ground_pose(agents[0], true=True)), boxes_world)
+    in_range = grid.contains(gt[:, :2]) if len(gt) else np.zeros(0, bool)
+    agent_gt = []
+    for k, agent in enumerate(agents):
+        own = transform_boxes(invert_se3(ground_pose(agent, true=True)), boxes_world[seen_by[k]])
+        agent_gt.append(own[grid.contains(own[:, :2])] if len(own) else own.reshape(0, 7))
+    return CoopSample(points=tuple(ground_points(a) for a in agents), ego_from_agent=ego_from_agent,
+                      gt_boxes=gt[in_range & seen_by.any(axis=0)], agent_gt_boxes=tuple(agent_gt))

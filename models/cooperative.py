@@ -1,0 +1,80 @@
+"""One cooperative sample and the four ways of fusing it (pure functions over a detector).
+
+- ``none``: the ego's own LiDAR only.
+- ``late``: every agent detects alone; boxes move to the ego frame and are merged by NMS.
+- ``early``: every agent's points move to the ego frame and are detected together.
+- ``intermediate``: every agent's BEV features are warped into the ego grid and merged.
+
+All coordinates are in *ground frames* (see :mod:`models.bev`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from models.geometry import transform_boxes, transform_points
+
+FusionMode = Literal["none", "late", "early", "intermediate"]
+FUSION_MODES: tuple[str, ...] = ("none", "late", "early", "intermediate")
+
+
+@dataclass(frozen=True, slots=True)
+class CoopSample:
+    """What the agents sensed at one time step, ready for a detector.
+
+    Attributes:
+        points: per agent ``[N_i, 4]`` float32 x, y, z, intensity in its ground frame; index 0 is the ego.
+        ego_from_agent: ``[A, 4, 4]`` each agent's ground frame in the ego's (``[0]`` is identity).
+        gt_boxes: ``[M, 7]`` ground truth in the ego ground frame (what is scored).
+        agent_gt_boxes: per agent, the ground truth it can see, in its own ground frame (training).
+    """
+
+    points: tuple[np.ndarray, ...]
+    ego_from_agent: np.ndarray  # [A, 4, 4]
+    gt_boxes: np.ndarray  # [M, 7]
+    agent_gt_boxes: tuple[np.ndarray, ...] = ()
+
+
+def _to_tensors(points: list[np.ndarray] | tuple[np.ndarray, ...], device: torch.device) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(p)).to(device) for p in points]
+
+
+@torch.no_grad()
+def detect_sample(detector, sample: CoopSample, mode: str, *, score_threshold: float = 0.1) -> np.ndarray:
+    """Boxes ``[K, 8]`` (x, y, z, l, w, h, yaw, score) in the ego ground frame for one fusion mode."""
+    device = next(detector.parameters()).device
+    if mode == "none":
+        features = detector.features(_to_tensors(sample.points[:1], device))
+        dets = detector.detect(features, score_threshold=score_threshold)[0]
+    elif mode == "early":
+        merged = np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
+        features = detector.features(_to_tensors([merged.astype(np.float32)], device))
+        dets = detector.detect(features, score_threshold=score_threshold)[0]
+    elif mode == "intermediate":
+        features = detector.features(_to_tensors(sample.points, device))
+        fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
+        dets = detector.detect(fused, score_threshold=score_threshold)[0]
+    elif mode == "late":
+        return _late(detector, sample, device, score_threshold)
+    else:
+        raise ValueError(f"unknown fusion mode {mode!r}; expected one of {', '.join(FUSION_MODES)}")
+    return dets[:, :8].cpu().numpy().astype(np.float64)
+
+
+def _late(detector, sample: CoopSample, device: torch.device, score_threshold: float) -> np.ndarray:
+    from models.head import rotated_nms
+
+    features = detector.features(_to_tensors(sample.points, device))
+    per_agent = detector.detect(features, score_threshold=score_threshold)
+    boxes = [transform_boxes(m, d[:, :8].cpu().numpy().astype(np.float64))
+             for m, d in zip(sample.ego_from_agent, per_agent)]
+    merged = np.concatenate(boxes) if boxes else np.zeros((0, 8))
+    if len(merged) == 0:
+        return merged.reshape(0, 8)
+    keep = rotated_nms(torch.from_numpy(merged[:, :7]), torch.from_numpy(merged[:, 7]),
+                       detector.config.nms_iou_threshold)
+    return merged[keep.numpy()]

@@ -1,0 +1,198 @@
+"""Tests for models.head: target encoding round trip, loss edge cases, rotated NMS, training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.bev import BevGrid
+from models.geometry import wrap_angle_rad
+from models.head import (CenterHead, HeadOutput, HeadTargets, build_targets, compute_loss, decode,
+                         gaussian_radius_cells, rotated_nms)
+
+GRID = BevGrid(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=0.4)
+STRIDE = 2  # head map: 40 x 40 cells of 0.8 m
+ROWS = COLS = 40
+CELL_M = 0.8
+
+# (x, y, z, l, w, h, yaw_rad), spread out so NMS keeps them all; yaws include both sides of +-pi.
+ROUND_TRIP_BOXES = np.array([
+    [-10.3, -9.7, -1.2, 4.5, 1.9, 1.6, 0.0],
+    [3.21, -5.55, -0.8, 4.2, 1.8, 1.5, math.pi - 1e-4],
+    [9.9, 8.05, -1.0, 0.8, 0.6, 1.7, -math.pi + 1e-4],
+    [-4.4, 10.1, -0.9, 10.0, 2.5, 3.2, 1.3],
+    [12.7, -12.3, -1.1, 4.0, 2.0, 1.5, -2.6],
+    [-15.95, 15.95, 0.3, 1.0, 1.0, 1.0, math.pi / 2],  # centre in the corner cell
+])
+ROUND_TRIP_LABELS = np.array([0, 0, 1, 0, 0, 1])
+OUTSIDE_BOX = np.array([[40.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]])  # centre beyond the grid: skipped
+
+
+def _dense(values: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
+    """Scatters per-object values [B, N, C] into a [B, C, H', W'] map at their centre cells."""
+    batch, _, channels = values.shape
+    dense = torch.zeros(batch, channels, ROWS * COLS)
+    for b in range(batch):
+        index = targets.index[b][targets.mask[b]]  # [n]
+        dense[b][:, index] = values[b][targets.mask[b]].T
+    return dense.reshape(batch, channels, ROWS, COLS)
+
+
+def _perfect_output(targets: HeadTargets) -> HeadOutput:
+    """The output a perfect head would give: confident peaks and exact regressions."""
+    return HeadOutput(
+        heatmap=torch.where(targets.heatmap == 1.0, 12.0, -12.0),
+        offset=_dense(targets.offset, targets),
+        z=_dense(targets.z, targets),
+        size=_dense(targets.size, targets),
+        yaw=_dense(targets.yaw, targets),
+    )
+
+
+def _nearest(detections: torch.Tensor, box: np.ndarray) -> np.ndarray:
+    distance = np.hypot(detections[:, 0].numpy() - box[0], detections[:, 1].numpy() - box[1])  # [N]
+    return detections[int(np.argmin(distance))].numpy()
+
+
+def test_build_targets_then_decode_round_trip() -> None:
+    boxes = np.concatenate([ROUND_TRIP_BOXES, OUTSIDE_BOX])
+    labels = np.concatenate([ROUND_TRIP_LABELS, [0]])
+    # Second sample: the same boxes as torch tensors, to cover both input types.
+    targets = build_targets([boxes, torch.from_numpy(boxes)], [labels, torch.from_numpy(labels)], GRID, STRIDE, 2)
+    assert targets.heatmap.shape == (2, 2, ROWS, COLS)
+    assert targets.mask.sum(dim=1).tolist() == [6, 6]  # the outside box is skipped
+    assert int((targets.heatmap == 1.0).sum()) == 12
+    perfect = _perfect_output(targets)
+    losses = compute_loss(perfect, targets)
+    for name in ("offset", "z", "size", "yaw"):
+        assert float(losses[name]) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses["heatmap"]) < 1e-3
+
+    for detections in decode(perfect, GRID, STRIDE):
+        assert detections.shape == (6, 9)
+        assert torch.all(detections[:, 7] > 0.99)
+        for box, label in zip(ROUND_TRIP_BOXES, ROUND_TRIP_LABELS, strict=True):
+            found = _nearest(detections, box)
+            np.testing.assert_allclose(found[:3], box[:3], atol=1e-3)
+            np.testing.assert_allclose(found[3:6], box[3:6], rtol=1e-5)
+            assert abs(wrap_angle_rad(found[6] - box[6])) < 1e-4
+            assert found[8] == label
+
+
+def test_targets_peak_at_centre_cell_with_radius_at_least_one() -> None:
+    tiny = np.array([[0.1, 0.1, 0.0, 0.2, 0.2, 0.2, 0.0]])  # far smaller than a cell
+    heatmap = build_targets([tiny], [np.array([0])], GRID, STRIDE, 1).heatmap[0, 0]  # [H', W']
+    row = col = int(np.floor((0.1 + 16.0) / CELL_M))
+    assert float(heatmap[row, col]) == 1.0
+    neighbours = heatmap[row - 1 : row + 2, col - 1 : col + 2]
+    assert torch.all(neighbours > 0.0) and int((heatmap > 0).sum()) == 9  # radius exactly 1
+
+
+def test_gaussian_radius_keeps_min_overlap() -> None:
+    for length, width in ((5.0, 2.5), (12.0, 3.0), (1.0, 1.0)):
+        radius = gaussian_radius_cells(length, width, 0.7)
+        # The same box shifted by the radius in x and y still overlaps by at least 0.7.
+        intersection = (length - radius) * (width - radius)
+        assert intersection / (2 * length * width - intersection) >= 0.7 - 1e-9
+    assert gaussian_radius_cells(12.0, 3.0, 0.1) > gaussian_radius_cells(5.0, 2.5, 0.1)
+
+
+def test_empty_ground_truth() -> None:
+    torch.manual_seed(0)
+    empty_boxes, empty_labels = np.zeros((0, 7)), np.zeros(0, dtype=np.int64)
+    targets = build_targets([empty_boxes, empty_boxes], [empty_labels, empty_labels], GRID, STRIDE, 1)
+    assert torch.count_nonzero(targets.heatmap) == 0
+    assert targets.index.shape == (2, 0) and targets.offset.shape == (2, 0, 2)
+
+    head = CenterHead(8, head_channels=16)
+    losses = compute_loss(head(torch.randn(2, 8, ROWS, COLS)), targets)
+    for name in ("offset", "z", "size", "yaw"):
+        assert losses[name].item() == 0.0
+    assert torch.isfinite(losses["total"])
+    losses["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+def test_mixed_batch_pads_the_empty_sample() -> None:
+    targets = build_targets([ROUND_TRIP_BOXES[:2], np.zeros((0, 7))], [ROUND_TRIP_LABELS[:2], []], GRID, STRIDE, 2)
+    assert targets.mask.tolist() == [[True, True], [False, False]]
+    assert torch.count_nonzero(targets.heatmap[1]) == 0
+
+
+def test_empty_heatmap_decodes_to_nothing() -> None:
+    zeros = torch.zeros(2, 1, ROWS, COLS)
+    out = HeadOutput(heatmap=torch.full((2, 3, ROWS, COLS), -20.0), offset=zeros.repeat(1, 2, 1, 1), z=zeros,
+                     size=zeros.repeat(1, 3, 1, 1), yaw=zeros.repeat(1, 2, 1, 1))
+    detections = decode(out, GRID, STRIDE)
+    assert [tuple(d.shape) for d in detections] == [(0, 9), (0, 9)]
+
+
+def test_decode_rejects_mismatched_grid() -> None:
+    zeros = torch.zeros(1, 1, 10, 10)
+    out = HeadOutput(heatmap=zeros, offset=zeros.repeat(1, 2, 1, 1), z=zeros, size=zeros.repeat(1, 3, 1, 1),
+                     yaw=zeros.repeat(1, 2, 1, 1))
+    with pytest.raises(ValueError, match="heatmap"):
+        decode(out, GRID, STRIDE)
+
+
+def _box(x_m: float, y_m: float, length_m: float, width_m: float, yaw_rad: float) -> list[float]:
+    return [x_m, y_m, 0.0, length_m, width_m, 1.5, yaw_rad]
+
+
+def test_rotated_nms_keeps_the_higher_scoring_of_two_overlapping() -> None:
+    boxes = torch.tensor([_box(0.0, 0.0, 4.0, 2.0, 0.3), _box(0.1, 0.05, 4.0, 2.0, 0.35)])
+    assert rotated_nms(boxes, torch.tensor([0.6, 0.9]), 0.5).tolist() == [1]
+
+
+def test_rotated_nms_keeps_disjoint_boxes_by_score() -> None:
+    boxes = torch.tensor([_box(0.0, 0.0, 4.0, 2.0, 0.3), _box(10.0, 0.0, 4.0, 2.0, 2.0)])
+    assert rotated_nms(boxes, torch.tensor([0.4, 0.8]), 0.1).tolist() == [1, 0]
+
+
+def test_rotated_nms_threshold_on_hand_computed_iou() -> None:
+    # A 4 x 2 box and itself turned 90 degrees: intersection 2 x 2 = 4, union 8 + 8 - 4 = 12,
+    # IoU 1/3 (the yaw 0.7 turns both, which leaves the IoU unchanged).
+    boxes = torch.tensor([_box(1.0, 2.0, 4.0, 2.0, 0.7), _box(1.0, 2.0, 4.0, 2.0, 0.7 + math.pi / 2)])
+    scores = torch.tensor([0.9, 0.8])
+    assert rotated_nms(boxes, scores, 0.5).tolist() == [0, 1]
+    assert rotated_nms(boxes, scores, 0.3).tolist() == [0]
+
+
+def test_rotated_nms_of_nothing() -> None:
+    kept = rotated_nms(torch.zeros(0, 7), torch.zeros(0), 0.5)
+    assert kept.dtype == torch.int64 and kept.shape == (0,)
+
+
+def test_heatmap_bias_gives_prior_of_one_tenth() -> None:
+    torch.manual_seed(0)
+    head = CenterHead(16, num_classes=3, head_channels=32)
+    assert head.heatmap[-1].bias[0].item() == pytest.approx(-2.197, abs=1e-3)
+    with torch.no_grad():
+        probability = torch.sigmoid(head(torch.randn(2, 16, 24, 24)).heatmap)
+    assert float(probability.mean()) == pytest.approx(0.1, abs=0.02)
+
+
+def test_training_finds_two_boxes() -> None:
+    torch.manual_seed(0)
+    boxes = np.array([[-6.3, 4.1, -1.0, 4.4, 1.9, 1.6, 0.4], [7.7, -3.5, -0.9, 4.0, 1.8, 1.5, -2.8]])
+    targets = build_targets([boxes], [np.array([0, 0])], GRID, STRIDE, 1)
+    features = torch.randn(1, 8, ROWS, COLS)
+    head = CenterHead(8, head_channels=16)
+    optimiser = torch.optim.Adam(head.parameters(), lr=3e-3)
+    initial = compute_loss(head(features), targets)["total"].item()
+    for _ in range(100):
+        optimiser.zero_grad()
+        loss = compute_loss(head(features), targets)["total"]
+        loss.backward()
+        optimiser.step()
+    final = compute_loss(head(features), targets)["total"].item()
+    assert final < 0.3 * initial
+
+    head.eval()
+    best_two = decode(head(features), GRID, STRIDE)[0][:2]  # decode sorts by score
+    for box in boxes:
+        found = _nearest(best_two, box)
+        assert np.hypot(found[0] - box[0], found[1] - box[1]) < CELL_M
