@@ -1,0 +1,145 @@
+"""The BEV detector: pillars -> backbone + neck -> (merge) -> centre head, and its checkpoints.
+
+Stages are separate so the streaming system can cut between them: an agent
+computes :meth:`BevDetector.features` and sends them; the fusion node warps
+and merges them with :meth:`BevDetector.fuse` and runs :meth:`BevDetector.detect`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from models.backbones import build_bev_backbone, list_backbones
+from models.bev import BevGrid, BevGridConfig
+from models.head import CenterHead, HeadOutput, decode
+from models.pillars import PillarEncoder
+from models.warp import AttentionMerge, max_merge, warp_to_ego
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not match the configuration."""
+
+
+class DetectorConfig(BaseModel):
+    """Everything that shapes a detector's weights (derived sizes come from the built modules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str = "mobiledet_tiny"
+    """A registered backbone (``models.backbones.list_backbones()``)."""
+    grid: BevGridConfig = BevGridConfig()
+    pillar_channels: int = Field(32, ge=4)
+    """Channels of the pillar pseudo-image."""
+    feature_channels: int = Field(64, ge=4)
+    """Channels of the BEV features agents share (the neck's output)."""
+    head_channels: int = Field(64, ge=4)
+    num_classes: int = Field(1, ge=1)
+    merge: Literal["max", "attention"] = "attention"
+    """How intermediate fusion merges agents' features in each cell."""
+    nms_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    """Rotated-IoU above which the lower-scoring of two boxes is dropped."""
+
+
+class BevDetector(nn.Module):
+    """A single-stage BEV detector that can fuse several agents' features.
+
+    Args:
+        config: its configuration (kept for checkpoints).
+        encoder: points -> ``[B, P, H, W]`` pseudo-image.
+        backbone: pseudo-image -> ``[B, C, H/s, W/s]`` features, with ``out_channels`` and ``reduction``.
+        head: features -> :class:`HeadOutput`.
+        merge: ``None`` for the element-wise max, else a module ``(features, coverage) -> merged``.
+    """
+
+    def __init__(self, config: DetectorConfig, encoder: PillarEncoder, backbone: nn.Module, head: CenterHead,
+                 merge: nn.Module | None) -> None:
+        super().__init__()
+        self.config = config
+        self.grid: BevGrid = encoder.grid
+        self.encoder = encoder
+        self.backbone = backbone
+        self.head = head
+        self.merge = merge
+
+    @property
+    def stride(self) -> int:
+        """Cells of the pillar grid per cell of the feature map."""
+        return int(self.backbone.reduction)
+
+    def features(self, points: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sample point clouds (ground frame) -> BEV features ``[B, C, H/s, W/s]``."""
+        return self.backbone(self.encoder(points))
+
+    def fuse(self, features: torch.Tensor, ego_from_agent: torch.Tensor) -> torch.Tensor:
+        """Agents' features ``[N, C, h, w]`` (index 0 the ego) -> merged ``[1, C, h, w]`` in the ego grid."""
+        warped, coverage = warp_to_ego(features, ego_from_agent, self.grid)
+        if self.merge is None:
+            return max_merge(warped, coverage)
+        return self.merge(warped, coverage)
+
+    def forward(self, features: torch.Tensor) -> HeadOutput:
+        return self.head(features)
+
+    def detect(self, features: torch.Tensor, *, score_threshold: float = 0.1,
+               max_detections: int = 100) -> list[torch.Tensor]:
+        """Features -> per-sample boxes ``[K, 9]`` (x, y, z, l, w, h, yaw, score, label)."""
+        return decode(self.head(features), self.grid, self.stride, score_threshold=score_threshold,
+                      max_detections=max_detections, nms_iou_threshold=self.config.nms_iou_threshold)
+
+
+def build_detector(config: DetectorConfig) -> BevDetector:
+    """Build a detector; channel counts are read from the built modules."""
+    if config.backbone not in list_backbones():
+        raise ValueError(f"unknown backbone {config.backbone!r}; known: {', '.join(list_backbones())}")
+    grid = config.grid.build()
+    encoder = PillarEncoder(grid, out_channels=config.pillar_channels)
+    backbone = build_bev_backbone(config.backbone, in_channels=encoder.out_channels,
+                                  out_channels=config.feature_channels)
+    head = CenterHead(backbone.out_channels, num_classes=config.num_classes, head_channels=config.head_channels)
+    merge = AttentionMerge(backbone.out_channels) if config.merge == "attention" else None
+    return BevDetector(config, encoder, backbone, head, merge)
+
+
+def save_checkpoint(path: Path, detector: BevDetector, **extra) -> None:
+    """Weights with the config that built them (and anything else, e.g. the training step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": detector.config.model_dump(mode="json"), "state_dict": detector.state_dict(), **extra}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, config: DetectorConfig | None = None,
+                    map_location: str | torch.device = "cpu") -> tuple[BevDetector, dict]:
+    """Build the detector a checkpoint was trained with and load its weights.
+
+    Args:
+        path: the checkpoint file.
+        config: when given, the checkpoint must have been trained with exactly this config.
+
+    Raises:
+        CheckpointError: unreadable file, or a config/weights mismatch (the message names both sides).
+    """
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot load checkpoint: {err}") from err
+    try:
+        saved = DetectorConfig.model_validate(blob["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: checkpoint has no valid detector config: {err}") from err
+    if config is not None and config != saved:
+        diff = {k: (v, getattr(saved, k)) for k, v in config if v != getattr(saved, k)}
+        raise CheckpointError(f"{path}: checkpoint was trained with a different config: " + "; ".join(
+            f"{k}: wanted {a!r}, checkpoint has {b!r}" for k, (a, b) in diff.items()))
+    detector = build_detector(saved)
+    try:
+        detector.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise CheckpointError(f"{path}: weights do not fit backbone {saved.backbone!r}: {' '.join(first)}") from err
+    return detector, {k: v for k, v in blob.items() if k not in ("config", "state_dict")}
