@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 from rich.markup import escape
 
-from launch import bench, world_cmd
+from launch import bench, eval_cmd, train_cmd, world_cmd
 from launch.console import console, setup_logging
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose logging and full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     world_cmd.register(sub)
+    train_cmd.register(sub)
+    eval_cmd.register(sub)
     bench.register(sub)
     return parser
 

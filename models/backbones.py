@@ -282,28 +282,36 @@ class BevNeck(nn.Module):
     Args:
         feature_info: the backbone's ``feature_info``.
         out_channels: channels of the fused map.
+        reduction: the output's stride; one of the levels' reductions (default: the finest).
+            Levels finer than it are not used.
 
     Attributes:
         out_channels: channels of the output.
-        reduction: stride of the output w.r.t. the backbone input (the finest level's, 2 here).
+        reduction: stride of the output w.r.t. the backbone input.
 
     Input the backbone's list of levels; output ``[B, out_channels, H / reduction, W / reduction]``.
     """
 
-    def __init__(self, feature_info: FeatureInfo, out_channels: int) -> None:
+    def __init__(self, feature_info: FeatureInfo, out_channels: int, reduction: int | None = None) -> None:
         super().__init__()
         reductions = [f["reduction"] for f in feature_info]
+        if reduction is not None and reduction not in reductions:
+            raise ValueError(f"neck reduction {reduction} is not one of the backbone's levels {reductions}")
         self.out_channels = out_channels
-        self.reduction: int = min(reductions)
+        self.reduction: int = reduction if reduction is not None else min(reductions)
         self._finest = reductions.index(self.reduction)
-        self.lateral = nn.ModuleList(ConvNormAct(f["num_chs"], out_channels, kernel_size=1) for f in feature_info)
+        self._used = [r >= self.reduction for r in reductions]
+        self.lateral = nn.ModuleList(ConvNormAct(f["num_chs"], out_channels, kernel_size=1)
+                                     if used else nn.Identity() for f, used in zip(feature_info, self._used))
         # Depthwise-separable: a full 3x3 at the finest level would cost more than a tiny backbone.
         self.fuse = SeparableConvNormAct(out_channels, out_channels, kernel_size=3)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[self._finest].shape[-2:]
         fused = None
-        for lateral, feature in zip(self.lateral, features):
+        for lateral, feature, used in zip(self.lateral, features, self._used):
+            if not used:
+                continue
             x = lateral(feature)  # [B, out_channels, H/r_i, W/r_i]
             if x.shape[-2:] != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # [B, out, H/2, W/2]
@@ -321,10 +329,10 @@ class BevBackbone(nn.Module):
         reduction: stride of the output w.r.t. the input (2).
     """
 
-    def __init__(self, backbone: nn.Module, out_channels: int) -> None:
+    def __init__(self, backbone: nn.Module, out_channels: int, reduction: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.neck = BevNeck(backbone.feature_info, out_channels)
+        self.neck = BevNeck(backbone.feature_info, out_channels, reduction)
         self.out_channels = out_channels
         self.reduction = self.neck.reduction
 
@@ -333,6 +341,8 @@ class BevBackbone(nn.Module):
         return self.neck(features)  # [B, out_channels, H/2, W/2]
 
 
-def build_bev_backbone(name: str, *, in_channels: int, out_channels: int, **kwargs: Any) -> BevBackbone:
-    """Build the registered backbone ``name`` with a neck fusing its levels to ``out_channels``."""
-    return BevBackbone(build_backbone(name, in_channels=in_channels, **kwargs), out_channels)
+def build_bev_backbone(name: str, *, in_channels: int, out_channels: int, reduction: int | None = None,
+                       **kwargs: Any) -> BevBackbone:
+    """Build the registered backbone ``name`` with a neck fusing its levels to ``out_channels``
+    at stride ``reduction`` (default: the finest level's)."""
+    return BevBackbone(build_backbone(name, in_channels=in_channels, **kwargs), out_channels, reduction)

@@ -23,11 +23,11 @@ class BevGridConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    x_min_m: float = -51.2
-    x_max_m: float = 51.2
-    y_min_m: float = -51.2
-    y_max_m: float = 51.2
-    cell_size_m: float = Field(0.4, gt=0.0)
+    x_min_m: float = -50.0
+    x_max_m: float = 50.0
+    y_min_m: float = -50.0
+    y_max_m: float = 50.0
+    cell_size_m: float = Field(0.5, gt=0.0)
     """Edge of one square cell."""
     z_min_m: float = -1.0
     """Points below this height above the ground are ignored."""

@@ -37,6 +37,8 @@ class DetectorConfig(BaseModel):
     """Channels of the pillar pseudo-image."""
     feature_channels: int = Field(64, ge=4)
     """Channels of the BEV features agents share (the neck's output)."""
+    feature_reduction: int = Field(4, ge=1)
+    """Stride of the shared features w.r.t. the pillar grid (a backbone level: 2, 4 or 8)."""
     head_channels: int = Field(64, ge=4)
     num_classes: int = Field(1, ge=1)
     merge: Literal["max", "attention"] = "attention"
@@ -99,7 +101,7 @@ def build_detector(config: DetectorConfig) -> BevDetector:
     grid = config.grid.build()
     encoder = PillarEncoder(grid, out_channels=config.pillar_channels)
     backbone = build_bev_backbone(config.backbone, in_channels=encoder.out_channels,
-                                  out_channels=config.feature_channels)
+                                  out_channels=config.feature_channels, reduction=config.feature_reduction)
     head = CenterHead(backbone.out_channels, num_classes=config.num_classes, head_channels=config.head_channels)
     merge = AttentionMerge(backbone.out_channels) if config.merge == "attention" else None
     return BevDetector(config, encoder, backbone, head, merge)

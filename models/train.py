@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.cooperative import CoopSample
 from models.detector import BevDetector, load_checkpoint, save_checkpoint
+from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes, transform_points
 from models.head import build_targets, compute_loss
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class OptimConfig(BaseModel):
     """Weight of the intermediate-fusion loss next to the single-agent losses."""
     mirror_probability: float = Field(0.5, ge=0.0, le=1.0)
     """Chance of mirroring a sample left-right (augmentation)."""
+    rotate_agents: bool = True
+    """Turn every agent's frame by its own random yaw (augmentation): features must then carry
+    meaning that survives the warp between differently oriented agents."""
+    early_fusion_loss: bool = True
+    """Also train on the ego-frame union of all agents' points (the ``early`` path)."""
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     threads: int = Field(0, ge=0)
@@ -60,16 +66,32 @@ def mirror(sample: CoopSample) -> CoopSample:
                       agent_gt_boxes=tuple(flip_boxes(b) for b in sample.agent_gt_boxes))
 
 
-def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float) -> dict[str, torch.Tensor]:
-    """Single-agent losses over all agents plus the weighted fused loss."""
+def rotate_agents(sample: CoopSample, yaws_rad: np.ndarray) -> CoopSample:
+    """The same scene with agent ``i``'s frame turned by ``yaws_rad[i]`` about its origin."""
+    turns = np.stack([se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, float(y)) for y in yaws_rad])  # new_from_old
+    points = tuple(transform_points(t, p).astype(np.float32) for t, p in zip(turns, sample.points))
+    ego_from_agent = np.stack([turns[0] @ m @ invert_se3(t) for m, t in zip(sample.ego_from_agent, turns)])
+    return CoopSample(points=points, ego_from_agent=ego_from_agent, gt_boxes=transform_boxes(turns[0], sample.gt_boxes),
+                      agent_gt_boxes=tuple(transform_boxes(t, b) for t, b in zip(turns, sample.agent_gt_boxes)))
+
+
+def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
+                early: bool = False) -> dict[str, torch.Tensor]:
+    """Single-agent losses over all agents (and the early-fused cloud) plus the weighted fused loss."""
     device = next(detector.parameters()).device
-    features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])  # [A, C, h, w]
+    clouds, single_gt = list(sample.points), list(sample.agent_gt_boxes)
+    if early:
+        clouds.append(np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
+                      .astype(np.float32))
+        single_gt.append(sample.gt_boxes)
+    features = detector.features([torch.from_numpy(p).to(device) for p in clouds])  # [A(+1), C, h, w]
     nc = detector.config.num_classes
-    single_targets = build_targets(list(sample.agent_gt_boxes), [np.zeros(len(b), np.int64)
-                                                                 for b in sample.agent_gt_boxes],
+    single_targets = build_targets(single_gt, [np.zeros(len(b), np.int64) for b in single_gt],
                                    detector.grid, detector.stride, nc)
     single = compute_loss(detector(features), single_targets.to(device))
-    fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
+    agents = len(sample.points)
+    fused = detector.fuse(features[:agents], torch.as_tensor(sample.ego_from_agent, dtype=torch.float32,
+                                                             device=device))
     fused_targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)],
                                   detector.grid, detector.stride, nc)
     fused_loss = compute_loss(detector(fused), fused_targets.to(device))
@@ -101,7 +123,9 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         sample = samples[rng.randrange(len(samples))]
         if rng.random() < config.mirror_probability:
             sample = mirror(sample)
-        parts = sample_loss(detector, sample, config.fused_loss_weight)
+        if config.rotate_agents:
+            sample = rotate_agents(sample, np.array([rng.uniform(-np.pi, np.pi) for _ in sample.points]))
+        parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss)
         optimiser.zero_grad(set_to_none=True)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_(detector.parameters(), 10.0)

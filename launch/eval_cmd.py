@@ -1,0 +1,107 @@
+"""``cpstream eval``: score a fusion mode on a held-out world (or an OPV2V folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launch.console import console, progress
+from launch.datasets import HELD_OUT_SEED, scene_frames
+from launch.samples import coop_sample
+from launch.world_cmd import add_world_options, world_config
+from models.cooperative import FUSION_MODES, CoopSample, detect_sample
+from models.detector import BevDetector, load_checkpoint
+from models.metrics import APAccumulator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "checkpoints" / "mobiledet_tiny.pt"
+BOX_BYTES = 9 * 4
+"""An object on the wire: 7 box values, score and class as 32-bit numbers."""
+
+
+def bytes_per_agent(detector: BevDetector, sample: CoopSample, dets_per_agent: list[int], mode: str) -> float:
+    """Mean payload bytes one non-ego agent sends per frame in ``mode`` (before any compression)."""
+    others = len(sample.points) - 1
+    if mode == "none" or others == 0:
+        return 0.0
+    if mode == "late":
+        return float(np.mean(dets_per_agent[1:])) * BOX_BYTES
+    if mode == "early":
+        return float(np.mean([p.nbytes for p in sample.points[1:]]))
+    grid = detector.grid
+    cells = (grid.height_cells // detector.stride) * (grid.width_cells // detector.stride)
+    return float(cells * detector.backbone.out_channels * 4)
+
+
+def _per_agent_counts(detector: BevDetector, sample: CoopSample) -> list[int]:
+    device = next(detector.parameters()).device
+    with torch.no_grad():
+        features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
+        return [len(d) for d in detector.detect(features)]
+
+
+def evaluate(detector: BevDetector, frames, total: int, mode: str, dump: Path | None) -> dict:
+    ap = APAccumulator()
+    sent: list[float] = []
+    dump_file = dump.open("w") if dump is not None else None
+    try:
+        with progress() as bar:
+            task = bar.add_task(f"eval {mode}", total=total)
+            for frame in frames:
+                sample = coop_sample(frame, detector.grid)
+                det = detect_sample(detector, sample, mode)
+                keep = detector.grid.contains(det[:, :2]) if len(det) else np.zeros(0, bool)
+                det = det[keep]
+                ap.add_frame(det, sample.gt_boxes)
+                counts = _per_agent_counts(detector, sample) if mode == "late" else []
+                sent.append(bytes_per_agent(detector, sample, counts, mode))
+                if dump_file is not None:
+                    dump_file.write(json.dumps({"frame": frame.frame_index, "scenario": frame.scenario,
+                                                "gt": np.round(sample.gt_boxes, 4).tolist(),
+                                                "det": np.round(det, 4).tolist()}) + "\n")
+                bar.advance(task)
+    finally:
+        if dump_file is not None:
+            dump_file.close()
+    result = ap.result()
+    return {"fusion": mode, "ap": {k: (None if np.isnan(v) else round(v, 4)) for k, v in result.items()},
+            "frames": ap.frames, "gt_objects": ap.gt_count, "bytes_per_frame": round(float(np.mean(sent)), 1)}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.rate_level is not None:
+        raise ValueError("--rate-level needs the feature codec, which is not built yet")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    detector, _ = load_checkpoint(args.checkpoint, map_location=device)
+    detector.to(device).eval()
+    if args.seed is None:
+        args.seed = HELD_OUT_SEED
+    world = None
+    if args.data is None:
+        config = world_config(args)  # cameras are not used by the LiDAR detector: skip rendering them
+        world = config.model_copy(update={"camera": config.camera.model_copy(update={"count": 0})})
+    total, frames = scene_frames(args.data, world)
+    result = {"checkpoint": str(args.checkpoint), "backbone": detector.config.backbone,
+              "data": str(args.data) if args.data else f"synthetic seed {world.seed}",
+              **evaluate(detector, frames, total, args.fusion, args.dump)}
+    console.print_json(json.dumps(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="BEV AP of one fusion mode on a held-out world or an OPV2V folder")
+    parser.add_argument("--data", type=Path, help="OPV2V-layout folder (default: the synthetic held-out world)")
+    parser.add_argument("--fusion", choices=FUSION_MODES, default="intermediate", help="fusion mode")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="detector weights")
+    parser.add_argument("--json", type=Path, help="write {ap, frames, bytes_per_frame, ...} here")
+    parser.add_argument("--dump", type=Path, help="write what was scored, one JSON object per frame")
+    parser.add_argument("--rate-level", type=int, help="codec rate level (needs the codec)")
+    add_world_options(parser)
+    parser.set_defaults(func=cmd_eval)

@@ -1,0 +1,118 @@
+"""``cpstream train --config FILE``: train a BEV detector on synthetic worlds (or an OPV2V folder)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents import WorldConfig
+from launch.console import console, progress
+from launch.datasets import scene_frames
+from launch.samples import coop_sample
+from models.bev import BevGrid
+from models.cooperative import CoopSample
+from models.detector import DetectorConfig, build_detector
+from models.train import OptimConfig, train
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrainDataConfig(BaseModel):
+    """Which frames to train on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path | None = None
+    """An OPV2V-layout folder; when unset, synthetic worlds are generated."""
+    first_seed: int = Field(1000, ge=0)
+    """Training worlds use seeds first_seed .. first_seed + worlds - 1 (never the held-out seed 0)."""
+    worlds: int = Field(20, ge=1)
+    frame_stride: int = Field(4, ge=1)
+    """Take every n-th frame (neighbouring frames are nearly the same)."""
+    world: WorldConfig = WorldConfig(frames=60, camera={"count": 0})
+    """The world settings (its seed is replaced per world)."""
+
+
+class TrainConfig(BaseModel):
+    """A training run: model, data, optimiser and where the weights go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    detector: DetectorConfig = DetectorConfig()
+    data: TrainDataConfig = TrainDataConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: Path = Path("models/checkpoints/detector.pt")
+    """Relative paths are taken from the repository root."""
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    return TrainConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+def crop(sample: CoopSample, grid: BevGrid) -> CoopSample:
+    """Drop points outside the grid's height band and extent (they never reach a pillar)."""
+    def keep(points: np.ndarray) -> np.ndarray:
+        z_ok = (points[:, 2] >= grid.z_min_m) & (points[:, 2] < grid.z_max_m)
+        return np.ascontiguousarray(points[z_ok & grid.contains(points)])
+
+    return CoopSample(points=tuple(keep(p) for p in sample.points), ego_from_agent=sample.ego_from_agent,
+                      gt_boxes=sample.gt_boxes, agent_gt_boxes=sample.agent_gt_boxes)
+
+
+def build_samples(config: TrainConfig) -> list[CoopSample]:
+    grid = config.detector.grid.build()
+    data = config.data
+    sources = [(data.data_dir, None)] if data.data_dir is not None else [
+        (None, data.world.model_copy(update={"seed": data.first_seed + k})) for k in range(data.worlds)]
+    samples: list[CoopSample] = []
+    with progress() as bar:
+        task = bar.add_task("building training samples", total=None)
+        for folder, world in sources:
+            count, frames = scene_frames(folder, world, frame_stride=data.frame_stride)
+            bar.update(task, total=(bar.tasks[0].total or 0) + count)
+            for frame in frames:
+                samples.append(crop(coop_sample(frame, grid), grid))
+                bar.advance(task)
+    return samples
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_train_config(args.config)
+    checkpoint = config.checkpoint if config.checkpoint.is_absolute() else REPO_ROOT / config.checkpoint
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    samples = build_samples(config)
+    data_s = time.perf_counter() - start
+    detector = build_detector(config.detector).to(device)
+    console.print(f"{len(samples)} samples in {data_s:.0f} s; training {config.detector.backbone} on {device} "
+                  f"({sum(p.numel() for p in detector.parameters()) / 1e6:.3f} M parameters)")
+    recent: list[float] = []
+    with progress() as bar:
+        task = bar.add_task("training", total=config.optim.steps)
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            recent.append(losses["total"])
+            del recent[:-50]
+            bar.update(task, completed=step,
+                       description=f"training loss {np.mean(recent):.3f}")
+
+        losses = train(detector, samples, config.optim, checkpoint, resume=args.resume, on_step=on_step)
+    total_s = time.perf_counter() - start
+    first = np.mean(losses[:50]) if losses else float("nan")
+    last = np.mean(losses[-50:]) if losses else float("nan")
+    console.print(f"saved {checkpoint}; loss {first:.3f} -> {last:.3f}; wall time {total_s / 60:.1f} min "
+                  f"(data {data_s:.0f} s)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("train", help="train a BEV detector (weights and resume state in one checkpoint)")
+    parser.add_argument("--config", type=Path, required=True, help="training YAML (see launch/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint's saved step")
+    parser.set_defaults(func=cmd_train)
