@@ -55,7 +55,87 @@ def _summary(values: list[float]) -> dict:
             "min": round(ordered[0], 4)}
 
 
-BENCHES = {"world": bench_world}
+def _frame_clouds(args: argparse.Namespace, grid) -> list:
+    """Per-agent point clouds (ground frame) from the held-out world."""
+    from launch.datasets import HELD_OUT_SEED
+    from launch.samples import ground_points
+
+    config = world_config(args)
+    if args.seed is None:
+        config = config.model_copy(update={"seed": HELD_OUT_SEED})
+    config = config.model_copy(update={"camera": config.camera.model_copy(update={"count": 0})})
+    world = SyntheticWorld(config)
+    clouds = []
+    with progress() as bar:
+        task = bar.add_task("world frames", total=len(world))
+        for index in range(len(world)):
+            clouds.extend(ground_points(a) for a in world.frame(index).agents.values())
+            bar.advance(task)
+    return clouds
+
+
+def bench_models(args: argparse.Namespace) -> dict:
+    """Per-agent inference time (pillars + backbone + head + decode) per registered backbone."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from launch.eval_cmd import REPO_ROOT
+    from models.backbones import list_backbones
+    from models.detector import DetectorConfig, build_detector, load_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clouds = None
+    runs = []
+    for name in list_backbones():
+        checkpoint = REPO_ROOT / "models" / "checkpoints" / f"{name}.pt"
+        detector = (load_checkpoint(checkpoint)[0] if checkpoint.exists()
+                    else build_detector(DetectorConfig(backbone=name))).to(device).eval()
+        if clouds is None:
+            clouds = _frame_clouds(args, detector.grid)
+        tensors = [torch.from_numpy(c).to(device) for c in clouds]
+        times_ms = []
+        with torch.no_grad():
+            for k in range(len(tensors) + 5):
+                cloud = tensors[k % len(tensors)]
+                start = time.perf_counter()
+                detector.detect(detector.features([cloud]))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if k >= 5:  # warm-up
+                    times_ms.append((time.perf_counter() - start) * 1000)
+            with FlopCounterMode(display=False) as counter:
+                detector.head(detector.features([tensors[0]]))
+        runs.append({"backbone": name, "trained": checkpoint.exists(),
+                     "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
+                     "gflops": round(counter.get_total_flops() / 1e9, 3),
+                     "latency_ms": {"median": round(statistics.median(times_ms), 2),
+                                    "p90": round(sorted(times_ms)[int(0.9 * (len(times_ms) - 1))], 2)},
+                     "agent_frames": len(times_ms)})
+        console.print(f"{name}: {runs[-1]['latency_ms']['median']} ms median over {len(times_ms)} agent-frames")
+    return {"device": str(device), "threads": __import__("torch").get_num_threads(), "runs": runs}
+
+
+def bench_fusion(args: argparse.Namespace) -> dict:
+    """AP of every fusion mode for every trained backbone, on the same held-out frames."""
+    from launch.eval_cmd import REPO_ROOT, evaluate, held_out_samples
+    from models.cooperative import FUSION_MODES
+    from models.detector import load_checkpoint
+
+    checkpoints = sorted((REPO_ROOT / "models" / "checkpoints").glob("*.pt"))
+    if not checkpoints:
+        raise FileNotFoundError("no trained detectors in models/checkpoints (run cpstream train first)")
+    samples, runs = None, []
+    for path in checkpoints:
+        detector = load_checkpoint(path)[0].eval()
+        if samples is None:
+            samples = held_out_samples(args, detector.grid)
+        for mode in FUSION_MODES:
+            runs.append({"backbone": detector.config.backbone, **evaluate(detector, samples, mode)})
+            console.print(f"{detector.config.backbone:>16} {mode:>12}: AP {runs[-1]['ap']}")
+    return {"data": str(args.data) if args.data else f"synthetic seed {args.seed}", "runs": runs}
+
+
+BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -71,5 +151,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmarks (medians over repeated runs)")
     parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--data", type=Path, help="OPV2V-layout folder instead of a synthetic world (fusion)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_bench)

@@ -44,23 +44,41 @@ def _per_agent_counts(detector: BevDetector, sample: CoopSample) -> list[int]:
         return [len(d) for d in detector.detect(features)]
 
 
-def evaluate(detector: BevDetector, frames, total: int, mode: str, dump: Path | None) -> dict:
+def held_out_samples(args: argparse.Namespace, grid) -> list[tuple[str, int, CoopSample]]:
+    """(scenario, frame, sample) for every frame of ``--data`` or of the held-out synthetic world."""
+    world = None
+    if args.data is None:
+        if args.seed is None:
+            args.seed = HELD_OUT_SEED
+        config = world_config(args)  # cameras are not used by the LiDAR detector: skip rendering them
+        world = config.model_copy(update={"camera": config.camera.model_copy(update={"count": 0})})
+    total, frames = scene_frames(args.data, world)
+    samples = []
+    with progress() as bar:
+        task = bar.add_task("reading frames", total=total)
+        for frame in frames:
+            samples.append((frame.scenario, frame.frame_index, coop_sample(frame, grid)))
+            bar.advance(task)
+    return samples
+
+
+def evaluate(detector: BevDetector, samples: list[tuple[str, int, CoopSample]], mode: str,
+             dump: Path | None = None) -> dict:
+    """AP of ``mode`` over ``samples``; detections outside the grid are dropped like the ground truth."""
     ap = APAccumulator()
     sent: list[float] = []
     dump_file = dump.open("w") if dump is not None else None
     try:
         with progress() as bar:
-            task = bar.add_task(f"eval {mode}", total=total)
-            for frame in frames:
-                sample = coop_sample(frame, detector.grid)
+            task = bar.add_task(f"eval {detector.config.backbone} {mode}", total=len(samples))
+            for scenario, frame_index, sample in samples:
                 det = detect_sample(detector, sample, mode)
-                keep = detector.grid.contains(det[:, :2]) if len(det) else np.zeros(0, bool)
-                det = det[keep]
+                det = det[detector.grid.contains(det[:, :2])] if len(det) else det
                 ap.add_frame(det, sample.gt_boxes)
                 counts = _per_agent_counts(detector, sample) if mode == "late" else []
                 sent.append(bytes_per_agent(detector, sample, counts, mode))
                 if dump_file is not None:
-                    dump_file.write(json.dumps({"frame": frame.frame_index, "scenario": frame.scenario,
+                    dump_file.write(json.dumps({"frame": frame_index, "scenario": scenario,
                                                 "gt": np.round(sample.gt_boxes, 4).tolist(),
                                                 "det": np.round(det, 4).tolist()}) + "\n")
                 bar.advance(task)
@@ -78,16 +96,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_checkpoint(args.checkpoint, map_location=device)
     detector.to(device).eval()
-    if args.seed is None:
-        args.seed = HELD_OUT_SEED
-    world = None
-    if args.data is None:
-        config = world_config(args)  # cameras are not used by the LiDAR detector: skip rendering them
-        world = config.model_copy(update={"camera": config.camera.model_copy(update={"count": 0})})
-    total, frames = scene_frames(args.data, world)
+    samples = held_out_samples(args, detector.grid)
     result = {"checkpoint": str(args.checkpoint), "backbone": detector.config.backbone,
-              "data": str(args.data) if args.data else f"synthetic seed {world.seed}",
-              **evaluate(detector, frames, total, args.fusion, args.dump)}
+              "data": str(args.data) if args.data else f"synthetic seed {args.seed}",
+              **evaluate(detector, samples, args.fusion, args.dump)}
     console.print_json(json.dumps(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

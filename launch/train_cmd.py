@@ -101,6 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             del recent[:-50]
             bar.update(task, completed=step,
                        description=f"training loss {np.mean(recent):.3f}")
+            if not console.is_terminal and step % 100 == 0:  # a log file gets a line now and then
+                console.print(f"step {step}/{config.optim.steps} loss {np.mean(recent):.3f} "
+                              f"({(time.perf_counter() - start) / 60:.1f} min)")
 
         losses = train(detector, samples, config.optim, checkpoint, resume=args.resume, on_step=on_step)
     total_s = time.perf_counter() - start

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.geometry import transform_boxes, transform_points
+from models.head import rotated_nms
 
 FusionMode = Literal["none", "late", "early", "intermediate"]
 FUSION_MODES: tuple[str, ...] = ("none", "late", "early", "intermediate")
@@ -66,8 +67,6 @@ def detect_sample(detector, sample: CoopSample, mode: str, *, score_threshold: f
 
 
 def _late(detector, sample: CoopSample, device: torch.device, score_threshold: float) -> np.ndarray:
-    from models.head import rotated_nms
-
     features = detector.features(_to_tensors(sample.points, device))
     per_agent = detector.detect(features, score_threshold=score_threshold)
     boxes = [transform_boxes(m, d[:, :8].cpu().numpy().astype(np.float64))

@@ -128,8 +128,8 @@ def load_checkpoint(path: Path, config: DetectorConfig | None = None,
     """
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot load checkpoint: {err}") from err
+    except Exception as err:  # noqa: BLE001 - a corrupt file fails inside pickle/zip with any error type
+        raise CheckpointError(f"{path}: cannot load checkpoint: {err!r}") from err
     try:
         saved = DetectorConfig.model_validate(blob["config"])
     except (KeyError, TypeError, ValueError) as err:
@@ -138,6 +138,8 @@ def load_checkpoint(path: Path, config: DetectorConfig | None = None,
         diff = {k: (v, getattr(saved, k)) for k, v in config if v != getattr(saved, k)}
         raise CheckpointError(f"{path}: checkpoint was trained with a different config: " + "; ".join(
             f"{k}: wanted {a!r}, checkpoint has {b!r}" for k, (a, b) in diff.items()))
+    if not isinstance(blob.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: checkpoint has no state_dict")
     detector = build_detector(saved)
     try:
         detector.load_state_dict(blob["state_dict"])

@@ -148,6 +148,8 @@ def _resume(detector: BevDetector, optimiser, schedule, checkpoint: Path) -> int
     detector.load_state_dict(blob["state_dict"])
     if "optimiser" in blob:
         optimiser.load_state_dict(blob["optimiser"])
-        schedule.load_state_dict(blob["schedule"])
+        # Keep this run's horizon: the saved one is the old step count, and `steps` may have grown.
+        horizon = {k: v for k, v in schedule.state_dict().items() if k in ("total_steps", "_schedule_phases")}
+        schedule.load_state_dict({**blob["schedule"], **horizon})
     log.info("resumed %s at step %d", checkpoint, blob.get("step", 0))
     return int(blob.get("step", 0))

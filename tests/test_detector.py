@@ -1,0 +1,518 @@
+"""Tests for models.detector, models.cooperative and models.train: a registry sweep on a small grid,
+empty inputs, fusion modes, checkpoints, a short training run and the augmentations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.backbones import list_backbones
+from models.bev import BevGrid, BevGridConfig
+from models.cooperative import FUSION_MODES, CoopSample, detect_sample
+from models.detector import (BevDetector, CheckpointError, DetectorConfig, build_detector, load_checkpoint,
+                             save_checkpoint)
+from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes, transform_points, wrap_angle_rad
+from models.pillars import PillarEncoder
+from models.train import OptimConfig, mirror, rotate_agents, sample_loss, train
+
+GRID_CONFIG = BevGridConfig(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=0.5)  # 64 x 64
+SMALL_GRID_CONFIG = BevGridConfig(x_min_m=-8.0, x_max_m=8.0, y_min_m=-8.0, y_max_m=8.0, cell_size_m=0.5)  # 32 x 32
+
+# (x, y, z, l, w, h, yaw_rad) in the ego ground frame, both inside the small grid.
+GT_BOXES = np.array([[3.2, 2.4, 0.8, 4.0, 1.8, 1.5, 0.3],
+                     [-4.1, -3.3, 0.8, 4.4, 2.0, 1.6, -2.0]])
+EGO_FROM_AGENT1 = se3_from_xyz_rpy(2.0, -1.5, 0.0, 0.0, 0.0, 0.6)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small maps: one intra-op thread is as fast, and does not fight other work on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(backbone: str = "mobiledet_tiny", grid: BevGridConfig = GRID_CONFIG, **overrides) -> DetectorConfig:
+    return DetectorConfig(backbone=backbone, grid=grid, pillar_channels=8, feature_channels=16, head_channels=16,
+                          **overrides)
+
+
+def _detector(backbone: str = "mobiledet_tiny", grid: BevGridConfig = GRID_CONFIG, seed: int = 0,
+              **overrides) -> BevDetector:
+    torch.manual_seed(seed)
+    return build_detector(_config(backbone, grid, **overrides))
+
+
+def _random_clouds(grid: BevGrid, sizes: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    """Clouds ``[N, 4]`` uniformly inside the grid, z in [0, 2], intensity in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    clouds = []
+    for n in sizes:
+        xyz = rng.uniform([grid.x_min_m, grid.y_min_m, 0.0], [grid.x_max_m, grid.y_max_m, 2.0], size=(n, 3))
+        clouds.append(torch.from_numpy(np.concatenate([xyz, rng.uniform(size=(n, 1))], axis=1).astype(np.float32)))
+    return clouds
+
+
+def _box_surface_points(boxes: np.ndarray, rng: np.random.Generator, per_box: int = 150) -> np.ndarray:
+    """``[M * per_box, 4]`` points on the sides and top of each box (x, y, z, intensity)."""
+    clouds = []
+    for x, y, z, length, width, height, yaw in boxes:
+        u = rng.uniform(-0.5, 0.5, size=(per_box, 3)) * [length, width, height]  # box frame
+        side = rng.integers(0, 3, size=per_box)
+        u[side == 0, 0] = np.sign(u[side == 0, 0]) * length / 2
+        u[side == 1, 1] = np.sign(u[side == 1, 1]) * width / 2
+        u[side == 2, 2] = height / 2
+        c, s = math.cos(yaw), math.sin(yaw)
+        xyz = np.stack([x + c * u[:, 0] - s * u[:, 1], y + s * u[:, 0] + c * u[:, 1], z + u[:, 2]], axis=1)
+        clouds.append(np.concatenate([xyz, rng.uniform(0.2, 1.0, size=(per_box, 1))], axis=1))
+    return np.concatenate(clouds)
+
+
+def _coop_sample(seed: int = 0) -> CoopSample:
+    """Two agents that both see the two GT boxes, plus a little ground clutter each."""
+    rng = np.random.default_rng(seed)
+    ego_from_agent = np.stack([np.eye(4), EGO_FROM_AGENT1])
+    points, agent_gt = [], []
+    for ego_from_this in ego_from_agent:
+        this_from_ego = invert_se3(ego_from_this)
+        ground = np.concatenate([rng.uniform(-7.5, 7.5, size=(60, 2)), np.full((60, 1), 0.05),
+                                 rng.uniform(size=(60, 1))], axis=1)
+        cloud_ego = np.concatenate([_box_surface_points(GT_BOXES, rng), ground])
+        points.append(transform_points(this_from_ego, cloud_ego).astype(np.float32))
+        agent_gt.append(transform_boxes(this_from_ego, GT_BOXES))
+    return CoopSample(points=tuple(points), ego_from_agent=ego_from_agent, gt_boxes=GT_BOXES.copy(),
+                      agent_gt_boxes=tuple(agent_gt))
+
+
+def _empty_sample(agents: int = 2) -> CoopSample:
+    ego_from_agent = np.stack([np.eye(4), EGO_FROM_AGENT1][:agents])
+    return CoopSample(points=tuple(np.zeros((0, 4), np.float32) for _ in range(agents)),
+                      ego_from_agent=ego_from_agent, gt_boxes=np.zeros((0, 7)),
+                      agent_gt_boxes=tuple(np.zeros((0, 7)) for _ in range(agents)))
+
+
+TRAIN_CONFIG = OptimConfig(steps=60, lr=3e-3, rotate_agents=False, mirror_probability=0.0, checkpoint_every=1000)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What the shared 60-step training run left behind (tests must not train ``detector`` further)."""
+
+    detector: BevDetector
+    losses: list[float]
+    steps_seen: list[int]
+    checkpoint: Path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """A detector overfitted to :func:`_coop_sample` on the small grid (about a second on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        detector = _detector(grid=SMALL_GRID_CONFIG)
+        checkpoint = tmp_path_factory.mktemp("trained") / "c.pt"
+        steps_seen: list[int] = []
+        losses = train(detector, [_coop_sample()], TRAIN_CONFIG, checkpoint,
+                       on_step=lambda step, _: steps_seen.append(step))
+    finally:
+        torch.set_num_threads(threads)
+    return TrainedRun(detector, losses, steps_seen, checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry sweep
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_backbone_builds_runs_and_trains_one_step(name: str) -> None:
+    detector = _detector(name)
+    assert detector.stride == detector.config.feature_reduction == 4
+    reduction = detector.stride
+    clouds = _random_clouds(detector.grid, (500, 300))
+
+    detector.train()
+    features = detector.features(clouds)
+    assert features.shape == (2, 16, 64 // reduction, 64 // reduction)
+    assert torch.isfinite(features).all()
+
+    # The backbone's levels have the channels and strides its feature_info declares.
+    encoder_out = detector.encoder(clouds)
+    assert encoder_out.shape == (2, 8, 64, 64)
+    levels = detector.backbone.backbone(encoder_out)
+    info = detector.backbone.backbone.feature_info
+    assert len(levels) == len(info)
+    for level, spec in zip(levels, info, strict=True):
+        assert level.shape == (2, spec["num_chs"], 64 // spec["reduction"], 64 // spec["reduction"])
+
+    sample = _coop_sample()
+    parts = sample_loss(detector, sample, fused_weight=1.0, early=True)
+    assert set(parts) == {"single", "fused", "total"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert float(parts["total"]) > 0.0
+    detector.zero_grad(set_to_none=True)
+    parts["total"].backward()
+    grads = [p.grad for p in detector.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    assert all(torch.isfinite(p).all() for p in detector.parameters())
+
+
+def test_unknown_backbone_is_refused_with_the_known_names() -> None:
+    with pytest.raises(ValueError, match="no_such_net") as error:
+        build_detector(_config("no_such_net"))
+    assert all(name in str(error.value) for name in list_backbones())
+
+
+@pytest.mark.parametrize("merge", ["max", "attention"])
+def test_fuse_with_identity_poses_of_one_agent_returns_its_features(merge: str) -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG, merge=merge).eval()
+    features = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused = detector.fuse(features, torch.eye(4)[None])
+    assert torch.equal(fused, features)
+
+
+# ------------------------------------------------------------------------------------------------
+# Empty inputs and fusion modes
+
+
+def test_empty_cloud_gives_zero_image_and_no_detections(trained: TrainedRun) -> None:
+    detector = trained.detector
+    assert not detector.training
+    empty = torch.zeros(0, 4)
+    with torch.no_grad():
+        assert torch.equal(detector.encoder([empty]), torch.zeros(1, 8, 32, 32))
+        detections = detector.detect(detector.features([empty]))
+    assert len(detections) == 1
+    assert detections[0].shape == (0, 9)
+    # The same detector does find the objects it was trained on (so "nothing" above means something).
+    found = detect_sample(detector, _coop_sample(), "none")
+    assert len(found) >= 2
+
+
+def test_untrained_detector_on_empty_cloud_runs_in_eval_mode() -> None:
+    # The heat-map prior is 0.1 (the default threshold), so only shapes are meaningful untrained.
+    detector = _detector().eval()
+    with torch.no_grad():
+        detections = detector.detect(detector.features([torch.zeros(0, 4), torch.zeros(0, 4)]),
+                                     score_threshold=0.2)
+    assert [d.shape for d in detections] == [(0, 9), (0, 9)]
+
+
+@pytest.mark.parametrize("mode", FUSION_MODES)
+def test_all_empty_agents_give_no_boxes_in_every_mode(mode: str, trained: TrainedRun) -> None:
+    boxes = detect_sample(trained.detector, _empty_sample(), mode)
+    assert boxes.shape == (0, 8)
+
+
+def test_one_point_in_training_mode_does_not_break_batch_norm() -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG).train()
+    features = detector.features([torch.tensor([[1.0, 2.0, 0.5, 0.7]])])
+    assert features.shape == (1, 16, 8, 8)
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("mode", FUSION_MODES)
+def test_detect_sample_returns_ego_frame_boxes_in_every_mode(mode: str) -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG).eval()
+    sample = _coop_sample()
+    boxes = detect_sample(detector, sample, mode, score_threshold=0.0)  # untrained: keep every peak
+    assert boxes.ndim == 2 and boxes.shape[1] == 8 and len(boxes) > 0
+    assert boxes.dtype == np.float64
+    assert np.isfinite(boxes).all()
+    assert np.all(boxes[:, 7] > 0.0)
+    if mode != "late":
+        assert np.all(np.diff(boxes[:, 7]) <= 0)  # sorted by score
+    assert np.all(np.abs(boxes[:, 6]) <= math.pi + 1e-6)
+
+
+def test_late_fusion_moves_agent_boxes_into_the_ego_frame(trained: TrainedRun) -> None:
+    # An ego with no points and an agent that sees everything: late fusion returns the agent's boxes,
+    # moved by ego_from_agent (checked against detecting in the agent's own frame).
+    detector = trained.detector
+    sample = _coop_sample()
+    blind_ego = CoopSample(points=(np.zeros((0, 4), np.float32), sample.points[1]),
+                           ego_from_agent=sample.ego_from_agent, gt_boxes=sample.gt_boxes)
+    late = detect_sample(detector, blind_ego, "late")
+    alone = detect_sample(detector, CoopSample(points=(sample.points[1],), ego_from_agent=np.eye(4)[None],
+                                               gt_boxes=np.zeros((0, 7))), "none")
+    assert len(late) == len(alone) > 0
+    expected = transform_boxes(EGO_FROM_AGENT1, alone)
+    order = np.argsort(-late[:, 7], kind="stable")
+    np.testing.assert_allclose(late[order][:, :6], expected[:, :6], atol=1e-5)
+    np.testing.assert_allclose(wrap_angle_rad(late[order][:, 6] - expected[:, 6]), 0.0, atol=1e-5)
+    np.testing.assert_allclose(late[order][:, 7], expected[:, 7], atol=1e-6)
+
+
+def test_unknown_fusion_mode_names_the_modes() -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG).eval()
+    with pytest.raises(ValueError, match="telepathy") as error:
+        detect_sample(detector, _coop_sample(), "telepathy")
+    assert all(mode in str(error.value) for mode in FUSION_MODES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG)
+    # Non-default batch-norm statistics, so buffers are part of what must survive.
+    detector.train()
+    with torch.no_grad():
+        detector.features(_random_clouds(detector.grid, (400, 400), seed=3))
+    detector.eval()
+    save_checkpoint(tmp_path / "sub" / "d.pt", detector, step=7)
+    loaded, extra = load_checkpoint(tmp_path / "sub" / "d.pt", detector.config)
+    assert extra == {"step": 7}
+    assert loaded.config == detector.config
+    loaded.eval()
+    clouds = _random_clouds(detector.grid, (300, 200), seed=4)
+    with torch.no_grad():
+        a, b = detector.features(clouds), loaded.features(clouds)
+        assert torch.equal(a, b)
+        out_a, out_b = detector(a), loaded(b)
+    assert torch.equal(out_a.heatmap, out_b.heatmap) and torch.equal(out_a.size, out_b.size)
+    for mode in FUSION_MODES:
+        np.testing.assert_array_equal(detect_sample(detector, _coop_sample(), mode, score_threshold=0.0),
+                                      detect_sample(loaded, _coop_sample(), mode, score_threshold=0.0))
+
+
+def test_loading_with_another_backbone_names_both(tmp_path: Path) -> None:
+    path = tmp_path / "d.pt"
+    save_checkpoint(path, _detector("mobiledet_tiny", SMALL_GRID_CONFIG))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path, _config("nextvit_tiny", SMALL_GRID_CONFIG))
+    message = str(error.value)
+    assert "backbone" in message and "'nextvit_tiny'" in message and "'mobiledet_tiny'" in message
+    assert str(path) in message
+
+
+def test_loading_with_other_feature_channels_names_both(tmp_path: Path) -> None:
+    path = tmp_path / "d.pt"
+    save_checkpoint(path, _detector(grid=SMALL_GRID_CONFIG))
+    wanted = DetectorConfig(backbone="mobiledet_tiny", grid=SMALL_GRID_CONFIG, pillar_channels=8,
+                            feature_channels=24, head_channels=16)
+    with pytest.raises(CheckpointError, match=r"feature_channels: wanted 24, checkpoint has 16"):
+        load_checkpoint(path, wanted)
+
+
+def test_weights_of_another_backbone_under_this_config_name_the_backbone(tmp_path: Path) -> None:
+    path = tmp_path / "lying.pt"
+    other = _detector("nextvit_tiny", SMALL_GRID_CONFIG)
+    claimed = _config("mobiledet_tiny", SMALL_GRID_CONFIG)
+    torch.save({"config": claimed.model_dump(mode="json"), "state_dict": other.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="'mobiledet_tiny'") as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", bytes(range(256)) * 4],
+                         ids=["empty", "text", "binary"])
+def test_garbage_file_raises_checkpoint_error_naming_the_path(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_truncated_missing_and_incomplete_checkpoints_raise_checkpoint_error(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, _detector(grid=SMALL_GRID_CONFIG))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    no_weights = tmp_path / "no_weights.pt"
+    torch.save({"config": _config(grid=SMALL_GRID_CONFIG).model_dump(mode="json")}, no_weights)
+    not_a_dict = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_a_dict)
+    for path in (truncated, tmp_path / "missing.pt", no_weights, not_a_dict):
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(path)
+        assert str(path) in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_short_training_run_lowers_the_loss(trained: TrainedRun) -> None:
+    losses = trained.losses
+    assert len(losses) == 60 and trained.steps_seen == list(range(1, 61))
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses
+    assert not trained.detector.training
+    assert trained.checkpoint.exists()
+    _, extra = load_checkpoint(trained.checkpoint, trained.detector.config)
+    assert extra["step"] == 60
+
+
+def _assert_finds_gt(boxes: np.ndarray, context: str) -> None:
+    for gt in GT_BOXES:
+        distance_m = np.hypot(boxes[:, 0] - gt[0], boxes[:, 1] - gt[1]) if len(boxes) else np.array([np.inf])
+        assert distance_m.min() < 1.5, (context, gt, boxes[:, :2])
+
+
+def test_trained_detector_finds_the_boxes_in_every_mode(trained: TrainedRun) -> None:
+    sample = _coop_sample()
+    for mode in FUSION_MODES:
+        _assert_finds_gt(detect_sample(trained.detector, sample, mode), mode)
+
+
+@pytest.mark.parametrize("mode", ["late", "early", "intermediate"])
+def test_blind_ego_sees_through_the_other_agent(mode: str, trained: TrainedRun) -> None:
+    # The ego has no points: whatever it finds came from agent 1, moved into the ego frame.
+    sample = _coop_sample()
+    blind_ego = CoopSample(points=(np.zeros((0, 4), np.float32), sample.points[1]),
+                           ego_from_agent=sample.ego_from_agent, gt_boxes=sample.gt_boxes)
+    _assert_finds_gt(detect_sample(trained.detector, blind_ego, mode), mode)
+
+
+def test_resume_continues_from_the_saved_step(trained: TrainedRun, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c.pt"
+    checkpoint.write_bytes(trained.checkpoint.read_bytes())
+    fresh = _detector(grid=SMALL_GRID_CONFIG, seed=1)  # weights come from the checkpoint, not from here
+    steps_seen: list[int] = []
+    longer = TRAIN_CONFIG.model_copy(update={"steps": 70})
+    more = train(fresh, [_coop_sample()], longer, checkpoint, resume=True,
+                 on_step=lambda step, _: steps_seen.append(step))
+    assert len(more) == 10 and steps_seen == list(range(61, 71))  # only the remaining steps
+    assert all(math.isfinite(v) for v in more)
+    assert np.mean(more) < 0.5 * np.mean(trained.losses[:10])  # it continued from trained weights
+    _, extra = load_checkpoint(checkpoint, fresh.config)
+    assert extra["step"] == 70
+
+
+def test_resume_from_a_finished_run_does_nothing(tmp_path: Path) -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG)
+    checkpoint = tmp_path / "c.pt"
+    config = OptimConfig(steps=2, rotate_agents=False, mirror_probability=0.0, early_fusion_loss=False)
+    assert len(train(detector, [_coop_sample()], config, checkpoint)) == 2
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    assert train(detector, [_coop_sample()], config, checkpoint, resume=True) == []
+    assert all(torch.equal(before[k], v) for k, v in detector.state_dict().items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c.pt"
+    save_checkpoint(checkpoint, _detector("nextvit_tiny", SMALL_GRID_CONFIG), step=1)
+    with pytest.raises(CheckpointError, match="nextvit_tiny"):
+        train(_detector(grid=SMALL_GRID_CONFIG), [_coop_sample()], OptimConfig(steps=3), checkpoint, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentations
+
+
+def _agent_boxes_in_ego(sample: CoopSample) -> list[np.ndarray]:
+    return [transform_boxes(m, b) for m, b in zip(sample.ego_from_agent, sample.agent_gt_boxes, strict=True)]
+
+
+def _assert_boxes_close(a: np.ndarray, b: np.ndarray) -> None:
+    np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-9)
+    np.testing.assert_allclose(wrap_angle_rad(a[:, 6] - b[:, 6]), 0.0, atol=1e-9)
+
+
+def test_rotate_agents_keeps_the_scene_consistent() -> None:
+    sample = _coop_sample()
+    yaws_rad = np.array([0.7, -2.1])
+    turned = rotate_agents(sample, yaws_rad)
+    ego_turn = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, 0.7)  # new_ego_from_old_ego
+    expected_gt = transform_boxes(ego_turn, sample.gt_boxes)
+    _assert_boxes_close(turned.gt_boxes, expected_gt)
+    np.testing.assert_allclose(turned.ego_from_agent[0], np.eye(4), atol=1e-12)
+    for j, boxes_in_ego in enumerate(_agent_boxes_in_ego(turned)):
+        _assert_boxes_close(boxes_in_ego, expected_gt)
+        # Each agent's own view turned by its own yaw: centres rotate about its origin.
+        turn_j = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, float(yaws_rad[j]))
+        _assert_boxes_close(turned.agent_gt_boxes[j], transform_boxes(turn_j, sample.agent_gt_boxes[j]))
+        points_in_ego = transform_points(turned.ego_from_agent[j], turned.points[j])
+        original_in_ego = transform_points(ego_turn @ sample.ego_from_agent[j], sample.points[j])
+        np.testing.assert_allclose(points_in_ego, original_in_ego, atol=1e-4)  # float32 points
+        assert turned.points[j].dtype == np.float32
+
+
+def test_mirror_keeps_the_scene_consistent_and_twice_is_identity() -> None:
+    sample = _coop_sample()
+    mirrored = mirror(sample)
+    flipped_gt = sample.gt_boxes * [1, -1, 1, 1, 1, 1, -1]
+    _assert_boxes_close(mirrored.gt_boxes, flipped_gt)
+    for boxes_in_ego in _agent_boxes_in_ego(mirrored):
+        _assert_boxes_close(boxes_in_ego, flipped_gt)
+    for m in mirrored.ego_from_agent:  # still proper rigid motions
+        np.testing.assert_allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(m[:3, :3]) == pytest.approx(1.0)
+
+    twice = mirror(mirrored)
+    np.testing.assert_array_equal(twice.ego_from_agent, sample.ego_from_agent)
+    np.testing.assert_array_equal(twice.gt_boxes, sample.gt_boxes)
+    for a, b in zip(twice.points, sample.points, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(twice.agent_gt_boxes, sample.agent_gt_boxes, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pillars
+
+
+GRID_8 = BevGrid(x_min_m=-4.0, x_max_m=4.0, y_min_m=-4.0, y_max_m=4.0, cell_size_m=1.0, z_min_m=-1.0, z_max_m=3.0)
+
+
+def _probe_encoder() -> PillarEncoder:
+    """An encoder whose channels read point features directly: intensity, +-x offset, +-y offset, z offset."""
+    encoder = PillarEncoder(GRID_8, out_channels=6).eval()  # eval: running stats (mean 0, var 1)
+    weight = torch.zeros(6, 7)
+    weight[0, 3] = 1.0  # intensity
+    weight[1, 4], weight[2, 4] = 1.0, -1.0  # x offset from the pillar centre (cells)
+    weight[3, 5], weight[4, 5] = 1.0, -1.0  # y offset
+    weight[5, 6] = 1.0  # z above the middle of the height band
+    with torch.no_grad():
+        encoder.point_net[0].weight.copy_(weight)
+        encoder.point_net[1].eps = 0.0
+    return encoder
+
+
+def test_pillar_encoder_puts_a_point_in_its_cell_only() -> None:
+    encoder = _probe_encoder()
+    # x = 1.3 -> column 5 (x in [1, 2), centre 1.5); y = -2.2 -> row 1 (y in [-3, -2), centre -2.5).
+    image = encoder([torch.tensor([[1.3, -2.2, 2.0, 0.75]])])
+    assert image.shape == (1, 6, 8, 8)
+    torch.testing.assert_close(image[0, :, 1, 5], torch.tensor([0.75, 0.0, 0.2, 0.3, 0.0, 1.0]))
+    others = image.clone()
+    others[0, :, 1, 5] = 0.0
+    assert torch.count_nonzero(others) == 0
+
+
+def test_pillar_encoder_batches_and_takes_the_max_per_cell() -> None:
+    encoder = _probe_encoder()
+    clouds = [torch.tensor([[-3.9, -3.9, 0.0, 0.25], [-3.5, -3.1, 0.0, 0.5]]),  # both in row 0, col 0
+              torch.tensor([[3.99, 3.99, 0.0, 0.9]])]  # last cell
+    image = encoder(clouds)
+    assert image.shape == (2, 6, 8, 8)
+    assert float(image[0, 0, 0, 0]) == pytest.approx(0.5)
+    assert float(image[1, 0, 7, 7]) == pytest.approx(0.9)
+    assert torch.count_nonzero(image[0, 0]) == 1 and torch.count_nonzero(image[1, 0]) == 1
+
+
+def test_pillar_encoder_ignores_points_outside_the_grid_or_height_band() -> None:
+    encoder = _probe_encoder()
+    outside = torch.tensor([
+        [4.0, 0.5, 1.0, 1.0],  # x_max is exclusive
+        [-4.01, 0.5, 1.0, 1.0],
+        [0.5, 4.0, 1.0, 1.0],
+        [0.5, -7.0, 1.0, 1.0],
+        [0.5, 0.5, 3.0, 1.0],  # z_max is exclusive
+        [0.5, 0.5, -1.5, 1.0],
+    ])
+    assert torch.count_nonzero(encoder([outside])) == 0
+    # The lower edges are inside: x = y = -4 lands in cell (0, 0), z = z_min counts.
+    edge = encoder([torch.cat([outside, torch.tensor([[-4.0, -4.0, -1.0, 1.0]])])])
+    assert torch.nonzero(edge[0, 0]).tolist() == [[0, 0]]
