@@ -55,7 +55,7 @@ def _summary(values: list[float]) -> dict:
             "min": round(ordered[0], 4)}
 
 
-def _frame_clouds(args: argparse.Namespace, grid) -> list:
+def _frame_clouds(args: argparse.Namespace) -> list:
     """Per-agent point clouds (ground frame) from the held-out world."""
     from launch.datasets import HELD_OUT_SEED
     from launch.samples import ground_points
@@ -76,43 +76,9 @@ def _frame_clouds(args: argparse.Namespace, grid) -> list:
 
 def bench_models(args: argparse.Namespace) -> dict:
     """Per-agent inference time (pillars + backbone + head + decode) per registered backbone."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from launch.models_bench import time_detectors
 
-    from launch.eval_cmd import REPO_ROOT
-    from models.backbones import list_backbones
-    from models.detector import DetectorConfig, build_detector, load_checkpoint
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    clouds = None
-    runs = []
-    for name in list_backbones():
-        checkpoint = REPO_ROOT / "models" / "checkpoints" / f"{name}.pt"
-        detector = (load_checkpoint(checkpoint)[0] if checkpoint.exists()
-                    else build_detector(DetectorConfig(backbone=name))).to(device).eval()
-        if clouds is None:
-            clouds = _frame_clouds(args, detector.grid)
-        tensors = [torch.from_numpy(c).to(device) for c in clouds]
-        times_ms = []
-        with torch.no_grad():
-            for k in range(len(tensors) + 5):
-                cloud = tensors[k % len(tensors)]
-                start = time.perf_counter()
-                detector.detect(detector.features([cloud]))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if k >= 5:  # warm-up
-                    times_ms.append((time.perf_counter() - start) * 1000)
-            with FlopCounterMode(display=False) as counter:
-                detector.head(detector.features([tensors[0]]))
-        runs.append({"backbone": name, "trained": checkpoint.exists(),
-                     "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
-                     "gflops": round(counter.get_total_flops() / 1e9, 3),
-                     "latency_ms": {"median": round(statistics.median(times_ms), 2),
-                                    "p90": round(sorted(times_ms)[int(0.9 * (len(times_ms) - 1))], 2)},
-                     "agent_frames": len(times_ms)})
-        console.print(f"{name}: {runs[-1]['latency_ms']['median']} ms median over {len(times_ms)} agent-frames")
-    return {"device": str(device), "threads": __import__("torch").get_num_threads(), "runs": runs}
+    return time_detectors(_frame_clouds(args))
 
 
 def bench_fusion(args: argparse.Namespace) -> dict:

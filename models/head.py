@@ -8,7 +8,9 @@ peak in its class's heat-map at the strided cell holding its centre; that cell a
   each in [-0.5, 0.5);
 * ``z``: the centre height in metres;
 * ``size``: ``log`` of (l, w, h) in metres;
-* ``yaw``: (sin, cos) of the heading, so that yaw near +-pi has no discontinuity.
+* ``yaw``: (sin, cos) of *twice* the heading. A box looks the same turned by pi, so its
+  heading is only defined modulo pi; doubling the angle makes theta and theta + pi one
+  target (no averaging of two opposite answers) and leaves no discontinuity.
 
 The pieces are kept apart: :class:`CenterHead` is the network, :func:`build_targets` turns
 ground-truth boxes into :class:`HeadTargets`, :func:`compute_loss` compares the two, and
@@ -49,7 +51,7 @@ class HeadOutput:
     offset: Tensor  # [B, 2, H', W'] centre minus cell centre, strided cells (x, y)
     z: Tensor  # [B, 1, H', W'] centre height, m
     size: Tensor  # [B, 3, H', W'] log(l, w, h), m
-    yaw: Tensor  # [B, 2, H', W'] sin, cos
+    yaw: Tensor  # [B, 2, H', W'] sin(2 yaw), cos(2 yaw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,7 @@ class HeadTargets:
     offset: Tensor  # [B, N, 2] centre minus cell centre, strided cells
     z: Tensor  # [B, N, 1] m
     size: Tensor  # [B, N, 3] log(l, w, h), m
-    yaw: Tensor  # [B, N, 2] sin, cos
+    yaw: Tensor  # [B, N, 2] sin(2 yaw), cos(2 yaw)
 
     def to(self, device: torch.device | str) -> HeadTargets:
         """Returns a copy with every tensor on ``device``."""
@@ -203,7 +205,7 @@ def _sample_targets(
     regression[:, _OFFSET] = np.stack([u - col - 0.5, v - row - 0.5], axis=-1)
     regression[:, _Z] = boxes[:, 2:3]
     regression[:, _SIZE] = np.log(np.maximum(boxes[:, 3:6], _MIN_SIZE_M))
-    regression[:, _YAW] = np.stack([np.sin(boxes[:, 6]), np.cos(boxes[:, 6])], axis=-1)
+    regression[:, _YAW] = np.stack([np.sin(2 * boxes[:, 6]), np.cos(2 * boxes[:, 6])], axis=-1)
     return heatmap, row * cols + col, regression, labels
 
 
@@ -411,7 +413,7 @@ def _sample_candidates(
     yaw = _at_cells(out.yaw[b], cell)  # [N, 2]
     return torch.cat([
         x[:, None], y[:, None], _at_cells(out.z[b], cell), _at_cells(out.size[b], cell).exp(),
-        torch.atan2(yaw[:, 0], yaw[:, 1])[:, None], top_scores[:, None], label[:, None].to(top_scores.dtype),
+        0.5 * torch.atan2(yaw[:, 0], yaw[:, 1])[:, None], top_scores[:, None], label[:, None].to(top_scores.dtype),
     ], dim=1)  # [N, 9]
 
 
@@ -439,7 +441,7 @@ def decode(
 
     Per sample: local maxima of the sigmoid heat-map (3x3), the ``max_detections`` best
     above ``score_threshold``, centre = cell centre + offset, size = exp, yaw = atan2(sin,
-    cos); then rotated NMS within each class.
+    cos) / 2; then rotated NMS within each class.
 
     Args:
         out: Head output for a batch.
@@ -452,7 +454,7 @@ def decode(
 
     Returns:
         Per sample, a [N, 9] tensor (x, y, z, l, w, h, yaw_rad, score, label) sorted by
-        descending score, with yaw in [-pi, pi] and the label as a float.
+        descending score, with yaw in [-pi/2, pi/2] (a box's heading modulo pi) and the label as a float.
 
     Raises:
         ValueError: When the heat-map's size does not match ``grid`` and ``stride``.

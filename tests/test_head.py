@@ -79,7 +79,9 @@ def test_build_targets_then_decode_round_trip() -> None:
             found = _nearest(detections, box)
             np.testing.assert_allclose(found[:3], box[:3], atol=1e-3)
             np.testing.assert_allclose(found[3:6], box[3:6], rtol=1e-5)
-            assert abs(wrap_angle_rad(found[6] - box[6])) < 1e-4
+            # Headings are defined modulo pi (a box turned by pi is the same box).
+            assert abs(wrap_angle_rad(2 * (found[6] - box[6]))) < 2e-4
+            assert -np.pi / 2 <= found[6] <= np.pi / 2
             assert found[8] == label
 
 
@@ -208,3 +210,17 @@ def test_training_finds_two_boxes(one_thread: None) -> None:
     for box in boxes:
         found = _nearest(best_two, box)
         assert np.hypot(found[0] - box[0], found[1] - box[1]) < CELL_M
+
+
+def test_a_box_turned_by_pi_has_the_same_yaw_target() -> None:
+    # Front and back of a box look alike: theta and theta + pi must not be two competing targets.
+    box = np.array([[2.0, 3.0, 0.8, 4.5, 1.9, 1.5, 0.4]])
+    turned = box.copy()
+    turned[0, 6] += np.pi
+    a = build_targets([box], [np.array([0])], GRID, STRIDE, 1)
+    b = build_targets([turned], [np.array([0])], GRID, STRIDE, 1)
+    torch.testing.assert_close(a.yaw, b.yaw, atol=1e-6, rtol=0.0)
+    quarter = box.copy()
+    quarter[0, 6] += np.pi / 2
+    c = build_targets([quarter], [np.array([0])], GRID, STRIDE, 1)
+    assert not torch.allclose(a.yaw, c.yaw, atol=1e-3)
