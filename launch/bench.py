@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from agents import SceneFrame, SyntheticWorld, write_scene_frame
-from launch.console import console, progress
+from launch.console import console, progress, write_json
 from launch.world_cmd import add_world_options, world_config
 
 
@@ -107,9 +107,7 @@ BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion}
 def cmd_bench(args: argparse.Namespace) -> int:
     result = {"bench": args.name, "machine": machine(), **BENCHES[args.name](args)}
     console.print_json(json.dumps(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -21,3 +23,10 @@ def progress() -> Progress:
     """A progress bar with count, elapsed and remaining time."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("eta"), TimeRemainingColumn(), console=console)
+
+
+def write_json(path: Path | None, data: dict) -> None:
+    """Write a command's result file (if asked for), creating its folder."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))

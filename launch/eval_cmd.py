@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.console import console, progress
+from launch.console import console, progress, write_json
 from launch.datasets import HELD_OUT_SEED, scene_frames
 from launch.samples import coop_sample
 from launch.world_cmd import add_world_options, world_config
@@ -101,9 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "data": str(args.data) if args.data else f"synthetic seed {args.seed}",
               **evaluate(detector, samples, args.fusion, args.dump)}
     console.print_json(json.dumps(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agents import DatasetError, OPV2VDataset, SyntheticWorld, WorldConfig, visibility_stats, write_scene_frame
-from launch.console import console, progress
+from launch.console import console, progress, write_json
 
 
 def add_world_options(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +105,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     console.print(table)
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} bad frame(s); first: {escape(skipped[0])}", emoji=False)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return 0
 
 

@@ -4,7 +4,6 @@ empty inputs, fusion modes, checkpoints, a short training run and the augmentati
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +29,6 @@ GT_BOXES = np.array([[3.2, 2.4, 0.8, 4.0, 1.8, 1.5, 0.3],
 EGO_FROM_AGENT1 = se3_from_xyz_rpy(2.0, -1.5, 0.0, 0.0, 0.0, 0.6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small maps: one intra-op thread is as fast, and does not fight other work on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(backbone: str = "mobiledet_tiny", grid: BevGridConfig = GRID_CONFIG, **overrides) -> DetectorConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -178,14 +177,6 @@ def test_heatmap_bias_gives_prior_of_one_tenth() -> None:
     assert float(probability.mean()) == pytest.approx(0.1, abs=0.02)
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Runs a test on one intra-op thread: these maps are tiny, and two threads spin-waiting on
-    a busy 2-core machine made the training loop ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_training_finds_two_boxes(one_thread: None) -> None:

@@ -19,7 +19,7 @@ from agents.opv2v import (CORDS_FROM_CV, DatasetError, OPV2VDataset, read_agent_
                           write_scene_frame)
 from agents.world import SyntheticWorld, WorldConfig
 from launch.cli import main
-from models.geometry import matrix_to_opv2v_pose, opv2v_pose_to_matrix
+from models.geometry import opv2v_pose_to_matrix
 
 WORLD = WorldConfig(
     seed=5, agents=3, frames=2,

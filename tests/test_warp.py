@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,13 +16,6 @@ SQUARE = BevGrid(x_min_m=-4.0, x_max_m=4.0, y_min_m=-4.0, y_max_m=4.0, cell_size
 WIDE = BevGrid(x_min_m=-4.0, x_max_m=4.0, y_min_m=-2.0, y_max_m=2.0, cell_size_m=1.0)  # 4 rows x 8 columns
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny maps; a second intra-op thread only competes with whatever else the machine runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pose(x_m: float = 0.0, y_m: float = 0.0, quarter_turns: int = 0) -> torch.Tensor:
