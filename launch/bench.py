@@ -75,7 +75,7 @@ def _frame_clouds(args: argparse.Namespace) -> list:
 
 
 def bench_models(args: argparse.Namespace) -> dict:
-    """Per-agent inference time (pillars + backbone + head + decode) per registered backbone."""
+    """Per-agent inference time (pillars + backbone + refine + head + decode) per registered backbone."""
     from launch.models_bench import time_detectors
 
     return time_detectors(_frame_clouds(args))

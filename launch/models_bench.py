@@ -39,7 +39,7 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None)
                 if k >= WARM_UP:
                     times_ms.append((time.perf_counter() - start) * 1000)
             with FlopCounterMode(display=False) as counter:
-                detector.head(detector.features([tensors[0]]))
+                detector(detector.features([tensors[0]]))
         ordered = sorted(times_ms)
         runs.append({"backbone": name, "trained": checkpoint.exists(),
                      "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),

@@ -46,32 +46,38 @@ def _to_tensors(points: list[np.ndarray] | tuple[np.ndarray, ...], device: torch
 
 @torch.no_grad()
 def detect_sample(detector, sample: CoopSample, mode: str, *, score_threshold: float = 0.1) -> np.ndarray:
-    """Boxes ``[K, 8]`` (x, y, z, l, w, h, yaw, score) in the ego ground frame for one fusion mode."""
-    device = next(detector.parameters()).device
-    if mode == "none":
-        features = detector.features(_to_tensors(sample.points[:1], device))
-        dets = detector.detect(features, score_threshold=score_threshold)[0]
-    elif mode == "early":
-        merged = np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
-        features = detector.features(_to_tensors([merged.astype(np.float32)], device))
-        dets = detector.detect(features, score_threshold=score_threshold)[0]
-    elif mode == "intermediate":
-        features = detector.features(_to_tensors(sample.points, device))
-        fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
-        dets = detector.detect(fused, score_threshold=score_threshold)[0]
-    elif mode == "late":
-        return _late(detector, sample, device, score_threshold)
-    else:
+    """Boxes ``[K, 8]`` (x, y, z, l, w, h, yaw, score) in the ego ground frame for one fusion mode.
+
+    An agent whose cloud is empty has no evidence and is left out; with no
+    evidence at all the result is empty (never a guess from an empty map).
+    """
+    if mode not in FUSION_MODES:
         raise ValueError(f"unknown fusion mode {mode!r}; expected one of {', '.join(FUSION_MODES)}")
+    device = next(detector.parameters()).device
+    sensing = [k for k, p in enumerate(sample.points) if len(p) and (mode != "none" or k == 0)]
+    if not sensing:
+        return np.zeros((0, 8))
+    points = [sample.points[k] for k in sensing]
+    ego_from_agent = sample.ego_from_agent[sensing]
+    if mode == "late":
+        return _late(detector, points, ego_from_agent, device, score_threshold)
+    if mode == "early":
+        merged = np.concatenate([transform_points(m, p) for m, p in zip(ego_from_agent, points)])
+        features = detector.features(_to_tensors([merged.astype(np.float32)], device))
+    else:
+        features = detector.features(_to_tensors(points, device))
+        if mode == "intermediate":
+            features = detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32, device=device))
+    dets = detector.detect(features, score_threshold=score_threshold)[0]
     return dets[:, :8].cpu().numpy().astype(np.float64)
 
 
-def _late(detector, sample: CoopSample, device: torch.device, score_threshold: float) -> np.ndarray:
-    features = detector.features(_to_tensors(sample.points, device))
+def _late(detector, points: list[np.ndarray], ego_from_agent: np.ndarray, device: torch.device,
+          score_threshold: float) -> np.ndarray:
+    features = detector.features(_to_tensors(points, device))
     per_agent = detector.detect(features, score_threshold=score_threshold)
-    boxes = [transform_boxes(m, d[:, :8].cpu().numpy().astype(np.float64))
-             for m, d in zip(sample.ego_from_agent, per_agent)]
-    merged = np.concatenate(boxes) if boxes else np.zeros((0, 8))
+    merged = np.concatenate([transform_boxes(m, d[:, :8].cpu().numpy().astype(np.float64))
+                             for m, d in zip(ego_from_agent, per_agent)])
     if len(merged) == 0:
         return merged.reshape(0, 8)
     keep = rotated_nms(torch.from_numpy(merged[:, :7]), torch.from_numpy(merged[:, 7]),

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from timm.layers import ConvNormAct
 from torch import nn
 
 from models.backbones import build_bev_backbone, list_backbones
@@ -39,6 +40,9 @@ class DetectorConfig(BaseModel):
     """Channels of the BEV features agents share (the neck's output)."""
     feature_reduction: int = Field(4, ge=1)
     """Stride of the shared features w.r.t. the pillar grid (a backbone level: 2, 4 or 8)."""
+    refine_blocks: int = Field(2, ge=0)
+    """3x3 conv blocks between the shared features (or their merge) and the head: where the
+    fused map learns to combine what the agents sent."""
     head_channels: int = Field(64, ge=4)
     num_classes: int = Field(1, ge=1)
     merge: Literal["max", "attention"] = "attention"
@@ -54,17 +58,19 @@ class BevDetector(nn.Module):
         config: its configuration (kept for checkpoints).
         encoder: points -> ``[B, P, H, W]`` pseudo-image.
         backbone: pseudo-image -> ``[B, C, H/s, W/s]`` features, with ``out_channels`` and ``reduction``.
+        refine: features (one agent's, or merged) -> features of the same shape, before the head.
         head: features -> :class:`HeadOutput`.
         merge: ``None`` for the element-wise max, else a module ``(features, coverage) -> merged``.
     """
 
-    def __init__(self, config: DetectorConfig, encoder: PillarEncoder, backbone: nn.Module, head: CenterHead,
-                 merge: nn.Module | None) -> None:
+    def __init__(self, config: DetectorConfig, encoder: PillarEncoder, backbone: nn.Module, refine: nn.Module,
+                 head: CenterHead, merge: nn.Module | None) -> None:
         super().__init__()
         self.config = config
         self.grid: BevGrid = encoder.grid
         self.encoder = encoder
         self.backbone = backbone
+        self.refine = refine
         self.head = head
         self.merge = merge
 
@@ -85,12 +91,13 @@ class BevDetector(nn.Module):
         return self.merge(warped, coverage)
 
     def forward(self, features: torch.Tensor) -> HeadOutput:
-        return self.head(features)
+        """Shared (or merged) features ``[B, C, h, w]`` -> head outputs."""
+        return self.head(self.refine(features))
 
     def detect(self, features: torch.Tensor, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
         """Features -> per-sample boxes ``[K, 9]`` (x, y, z, l, w, h, yaw, score, label)."""
-        return decode(self.head(features), self.grid, self.stride, score_threshold=score_threshold,
+        return decode(self(features), self.grid, self.stride, score_threshold=score_threshold,
                       max_detections=max_detections, nms_iou_threshold=self.config.nms_iou_threshold)
 
 
@@ -102,9 +109,11 @@ def build_detector(config: DetectorConfig) -> BevDetector:
     encoder = PillarEncoder(grid, out_channels=config.pillar_channels)
     backbone = build_bev_backbone(config.backbone, in_channels=encoder.out_channels,
                                   out_channels=config.feature_channels, reduction=config.feature_reduction)
-    head = CenterHead(backbone.out_channels, num_classes=config.num_classes, head_channels=config.head_channels)
-    merge = AttentionMerge(backbone.out_channels) if config.merge == "attention" else None
-    return BevDetector(config, encoder, backbone, head, merge)
+    channels = backbone.out_channels
+    refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3) for _ in range(config.refine_blocks)))
+    head = CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
+    merge = AttentionMerge(channels) if config.merge == "attention" else None
+    return BevDetector(config, encoder, backbone, refine, head, merge)
 
 
 def save_checkpoint(path: Path, detector: BevDetector, **extra) -> None:

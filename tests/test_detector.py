@@ -181,9 +181,9 @@ def test_empty_cloud_gives_zero_image_and_no_detections(trained: TrainedRun) -> 
     empty = torch.zeros(0, 4)
     with torch.no_grad():
         assert torch.equal(detector.encoder([empty]), torch.zeros(1, 8, 32, 32))
-        detections = detector.detect(detector.features([empty]))
-    assert len(detections) == 1
-    assert detections[0].shape == (0, 9)
+    alone = CoopSample(points=(np.zeros((0, 4), np.float32),), ego_from_agent=np.eye(4)[None], gt_boxes=np.zeros((0, 7)))
+    for mode in FUSION_MODES:
+        assert detect_sample(detector, alone, mode).shape == (0, 8)
     # The same detector does find the objects it was trained on (so "nothing" above means something).
     found = detect_sample(detector, _coop_sample(), "none")
     assert len(found) >= 2
