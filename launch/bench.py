@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -17,9 +18,7 @@ from launch.world_cmd import add_world_options, world_config
 
 def machine() -> dict:
     """What the figures were measured on."""
-    import os
-
-    import torch
+    import torch  # imported late: most commands never need it
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(),
