@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from agents.frames import AgentFrame, AgentKind, CameraImage, ObjectClass, ObjectState, SceneFrame
+from agents.opv2v import CORDS_FROM_CV
 from agents.world import sensors
 from agents.world.config import WorldConfig
 from agents.world.town import KERB_M, PLOT_START_M, Town, build_town
@@ -15,8 +16,6 @@ from models.geometry import se3_from_xyz_rpy
 
 CAMERA_YAWS_DEG = (0.0, -90.0, 90.0, 180.0)
 """camera0 … camera3 look front, right, left, back."""
-CORDS_FROM_CV = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-"""From the OpenCV camera frame (x right, y down, z forward) to x forward, y left, z up."""
 _KIND_OF_CLASS = {ObjectClass.VEHICLE: sensors.VEHICLE, ObjectClass.PEDESTRIAN: sensors.PEDESTRIAN}
 
 
