@@ -89,18 +89,26 @@ def bench_fusion(args: argparse.Namespace) -> dict:
     checkpoints = sorted((REPO_ROOT / "models" / "checkpoints").glob("*.pt"))
     if not checkpoints:
         raise FileNotFoundError("no trained detectors in models/checkpoints (run cpstream train first)")
-    samples, runs = None, []
+    samples, runs = {}, []
     for path in checkpoints:
         detector = load_checkpoint(path)[0].eval()
-        if samples is None:
-            samples = held_out_samples(args, detector.grid)
+        key = (detector.grid, detector.feature_cell_m)  # the same frames, in this detector's BEV frames
+        if key not in samples:
+            samples[key] = held_out_samples(args, detector.grid, detector.feature_cell_m)
         for mode in FUSION_MODES:
-            runs.append({"backbone": detector.config.backbone, **evaluate(detector, samples, mode)})
+            runs.append({"backbone": detector.config.backbone, **evaluate(detector, samples[key], mode)})
             console.print(f"{detector.config.backbone:>16} {mode:>12}: AP {runs[-1]['ap']}")
     return {"data": str(args.data) if args.data else f"synthetic seed {args.seed}", "runs": runs}
 
 
-BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion}
+def bench_codec(args: argparse.Namespace) -> dict:
+    """Bytes on the wire against intermediate-fusion AP: codec rate levels, baselines, late fusion."""
+    from launch.codec_bench import bench_codec as run
+
+    return run(args)
+
+
+BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -114,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmarks (medians over repeated runs)")
     parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     parser.add_argument("--json", type=Path, help="write the result here")
-    parser.add_argument("--data", type=Path, help="OPV2V-layout folder instead of a synthetic world (fusion)")
+    parser.add_argument("--data", type=Path, help="OPV2V-layout folder instead of a synthetic world (fusion, codec)")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the result (codec: AP against bytes)")
+    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec; default mobiledet_tiny)")
+    parser.add_argument("--codec", type=Path, help="codec weights (codec; default: the one trained for the detector)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_bench)

@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 from rich.markup import escape
 
-from launch import bench, eval_cmd, train_cmd, world_cmd
+from launch import bench, codec_cmd, eval_cmd, train_cmd, world_cmd
 from launch.console import console, setup_logging
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     world_cmd.register(sub)
     train_cmd.register(sub)
+    codec_cmd.register(sub)
     eval_cmd.register(sub)
     bench.register(sub)
     return parser

@@ -44,8 +44,11 @@ def _per_agent_counts(detector: BevDetector, sample: CoopSample) -> list[int]:
         return [len(d) for d in detector.detect(features)]
 
 
-def held_out_samples(args: argparse.Namespace, grid) -> list[tuple[str, int, CoopSample]]:
-    """(scenario, frame, sample) for every frame of ``--data`` or of the held-out synthetic world."""
+def held_out_samples(args: argparse.Namespace, grid, lattice_m: float) -> list[tuple[str, int, CoopSample]]:
+    """(scenario, frame, sample) for every frame of ``--data`` or of the held-out synthetic world.
+
+    ``lattice_m`` is the detector's feature cell, on which agents' BEV frames are placed.
+    """
     world = None
     if args.data is None:
         if args.seed is None:
@@ -57,7 +60,7 @@ def held_out_samples(args: argparse.Namespace, grid) -> list[tuple[str, int, Coo
     with progress() as bar:
         task = bar.add_task("reading frames", total=total)
         for frame in frames:
-            samples.append((frame.scenario, frame.frame_index, coop_sample(frame, grid)))
+            samples.append((frame.scenario, frame.frame_index, coop_sample(frame, grid, lattice_m)))
             bar.advance(task)
     return samples
 
@@ -91,15 +94,31 @@ def evaluate(detector: BevDetector, samples: list[tuple[str, int, CoopSample]], 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.rate_level is not None:
-        raise ValueError("--rate-level needs the feature codec, which is not built yet")
+    if args.rate_level is not None and args.fusion != "intermediate":
+        raise ValueError(f"--rate-level codes the shared features: it needs --fusion intermediate, not {args.fusion}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_checkpoint(args.checkpoint, map_location=device)
     detector.to(device).eval()
-    samples = held_out_samples(args, detector.grid)
+    codec = None
+    if args.rate_level is not None:
+        from launch.codec_cmd import load_codec_for
+
+        codec = load_codec_for(detector, args.codec)
+        if not 0 <= args.rate_level < codec.config.rate_levels:
+            raise ValueError(f"--rate-level {args.rate_level}: the codec has levels 0..{codec.config.rate_levels - 1}")
+    samples = held_out_samples(args, detector.grid, detector.feature_cell_m)
     result = {"checkpoint": str(args.checkpoint), "backbone": detector.config.backbone,
-              "data": str(args.data) if args.data else f"synthetic seed {args.seed}",
-              **evaluate(detector, samples, args.fusion, args.dump)}
+              "data": str(args.data) if args.data else f"synthetic seed {args.seed}"}
+    if codec is None:
+        result.update(evaluate(detector, samples, args.fusion, args.dump))
+    else:
+        from launch.codec_bench import codec_scheme, grid_spec, prepare, score_scheme
+
+        scored = score_scheme(detector, prepare(detector, samples),
+                              codec_scheme(codec, args.rate_level, grid_spec(detector, codec)),
+                              f"eval intermediate, codec level {args.rate_level}", args.dump)
+        result.update({"fusion": "intermediate", "rate_level": args.rate_level, "codec_id": codec.codec_id,
+                       "frames": len(samples), **scored})
     console.print_json(json.dumps(result))
     write_json(args.json, result)
     return 0
@@ -112,6 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="detector weights")
     parser.add_argument("--json", type=Path, help="write {ap, frames, bytes_per_frame, ...} here")
     parser.add_argument("--dump", type=Path, help="write what was scored, one JSON object per frame")
-    parser.add_argument("--rate-level", type=int, help="codec rate level (needs the codec)")
+    parser.add_argument("--rate-level", type=int,
+                        help="send the features through the codec at this level (intermediate fusion)")
+    parser.add_argument("--codec", type=Path, help="codec weights (default: the one trained for the detector)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_eval)

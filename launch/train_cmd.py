@@ -65,9 +65,10 @@ def crop(sample: CoopSample, grid: BevGrid) -> CoopSample:
                       gt_boxes=sample.gt_boxes, agent_gt_boxes=sample.agent_gt_boxes)
 
 
-def build_samples(config: TrainConfig) -> list[CoopSample]:
-    grid = config.detector.grid.build()
-    data = config.data
+def build_samples(data: TrainDataConfig, detector: DetectorConfig) -> list[CoopSample]:
+    """Training samples in the BEV frames of ``detector`` (its grid and feature lattice)."""
+    grid = detector.grid.build()
+    lattice_m = detector.feature_cell_m
     sources = [(data.data_dir, None)] if data.data_dir is not None else [
         (None, data.world.model_copy(update={"seed": data.first_seed + k})) for k in range(data.worlds)]
     samples: list[CoopSample] = []
@@ -77,7 +78,7 @@ def build_samples(config: TrainConfig) -> list[CoopSample]:
             count, frames = scene_frames(folder, world, frame_stride=data.frame_stride)
             bar.update(task, total=(bar.tasks[0].total or 0) + count)
             for frame in frames:
-                samples.append(crop(coop_sample(frame, grid), grid))
+                samples.append(crop(coop_sample(frame, grid, lattice_m), grid))
                 bar.advance(task)
     return samples
 
@@ -87,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     checkpoint = config.checkpoint if config.checkpoint.is_absolute() else REPO_ROOT / config.checkpoint
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    samples = build_samples(config)
+    samples = build_samples(config.data, config.detector)
     data_s = time.perf_counter() - start
     detector = build_detector(config.detector).to(device)
     console.print(f"{len(samples)} samples in {data_s:.0f} s; training {config.detector.backbone} on {device} "

@@ -1,8 +1,13 @@
 """The bird's-eye-view grid: which cell holds which point of the agent's ground plane.
 
-The grid lies in an agent's *ground frame*: its LiDAR frame moved down to the
-ground (x forward, y left, z up from the ground), so vehicles and roadside
-units (LiDAR 2 m or 5 m up) share one height band.
+The grid lies in an agent's *BEV frame* (:func:`aligned_bev_frame`): on the
+ground under the agent (z up from the ground, so vehicles and roadside units
+with LiDARs 2 m or 5 m up share one height band), with its axes along the
+shared world frame's and its origin snapped to a lattice of feature cells.
+Every agent's grid is then a whole number of feature cells away from every
+other's, with no rotation between them: moving features between agents is an
+exact shift of cells, not a blurring resample, and a feature channel means
+the same direction in every agent's map.
 
 Tensors on the grid are ``[B, C, H, W]``: rows (H) run along +y, columns (W)
 along +x, and cell ``(row, col)`` covers
@@ -35,7 +40,7 @@ class BevGridConfig(BaseModel):
     """Points above this height above the ground are ignored."""
 
     @model_validator(mode="after")
-    def _whole_cells(self) -> "BevGridConfig":
+    def _whole_cells(self) -> BevGridConfig:
         for lo, hi, axis in ((self.x_min_m, self.x_max_m, "x"), (self.y_min_m, self.y_max_m, "y")):
             cells = (hi - lo) / self.cell_size_m
             if hi <= lo or abs(cells - round(cells)) > 1e-6:
@@ -43,7 +48,7 @@ class BevGridConfig(BaseModel):
                                  f"{self.cell_size_m} m cells")
         return self
 
-    def build(self) -> "BevGrid":
+    def build(self) -> BevGrid:
         return BevGrid(self.x_min_m, self.x_max_m, self.y_min_m, self.y_max_m, self.cell_size_m,
                        self.z_min_m, self.z_max_m)
 
@@ -84,3 +89,27 @@ class BevGrid:
         """Mask of points ``[N, >=2]`` inside the grid's extent."""
         return ((xy[:, 0] >= self.x_min_m) & (xy[:, 0] < self.x_max_m)
                 & (xy[:, 1] >= self.y_min_m) & (xy[:, 1] < self.y_max_m))
+
+
+def aligned_bev_frame(world_from_ground: np.ndarray, lattice_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """An agent's BEV frame: world-aligned axes, origin on the ``lattice_m`` lattice nearest the agent.
+
+    Args:
+        world_from_ground: ``[4, 4]`` the agent's ground frame (its sensor frame on the ground) in the
+            world, as the agent knows it (reported, not true, pose).
+        lattice_m: the lattice pitch, the size of one feature cell (0 keeps the exact position).
+
+    Returns:
+        ``world_from_bev`` (a pure translation on the ground plane) and ``bev_from_ground``
+        (the agent's turn, and a shift of at most half a lattice step per axis), which moves the
+        agent's points into its BEV frame.
+    """
+    if lattice_m < 0:
+        raise ValueError(f"lattice pitch must be >= 0 m, got {lattice_m}")
+    position = world_from_ground[:2, 3]
+    world_from_bev = np.eye(4)
+    world_from_bev[:2, 3] = np.round(position / lattice_m) * lattice_m if lattice_m > 0 else position
+    world_from_bev[2, 3] = world_from_ground[2, 3]
+    bev_from_world = np.eye(4)
+    bev_from_world[:3, 3] = -world_from_bev[:3, 3]
+    return world_from_bev, bev_from_world @ world_from_ground

@@ -76,10 +76,15 @@ def _late(detector, points: list[np.ndarray], ego_from_agent: np.ndarray, device
           score_threshold: float) -> np.ndarray:
     features = detector.features(_to_tensors(points, device))
     per_agent = detector.detect(features, score_threshold=score_threshold)
-    merged = np.concatenate([transform_boxes(m, d[:, :8].cpu().numpy().astype(np.float64))
-                             for m, d in zip(ego_from_agent, per_agent)])
+    return merge_late([d[:, :8].cpu().numpy().astype(np.float64) for d in per_agent], ego_from_agent,
+                      detector.config.nms_iou_threshold)
+
+
+def merge_late(per_agent: list[np.ndarray], ego_from_agent: np.ndarray, nms_iou_threshold: float) -> np.ndarray:
+    """Late fusion: each agent's boxes ``[K_i, 8]`` (own frame) moved to the ego frame, merged by rotated NMS."""
+    merged = np.concatenate([transform_boxes(m, d[:, :8]) for m, d in zip(ego_from_agent, per_agent)]
+                            ) if per_agent else np.zeros((0, 8))
     if len(merged) == 0:
         return merged.reshape(0, 8)
-    keep = rotated_nms(torch.from_numpy(merged[:, :7]), torch.from_numpy(merged[:, 7]),
-                       detector.config.nms_iou_threshold)
+    keep = rotated_nms(torch.from_numpy(merged[:, :7]), torch.from_numpy(merged[:, 7]), nms_iou_threshold)
     return merged[keep.numpy()]

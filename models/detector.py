@@ -50,6 +50,11 @@ class DetectorConfig(BaseModel):
     nms_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
     """Rotated-IoU above which the lower-scoring of two boxes is dropped."""
 
+    @property
+    def feature_cell_m(self) -> float:
+        """Edge of one cell of the shared feature map: the lattice agents' BEV frames sit on."""
+        return self.grid.cell_size_m * self.feature_reduction
+
 
 class BevDetector(nn.Module):
     """A single-stage BEV detector that can fuse several agents' features.
@@ -75,6 +80,11 @@ class BevDetector(nn.Module):
         self.merge = merge
 
     @property
+    def feature_cell_m(self) -> float:
+        """Edge of one cell of the shared feature map (metres)."""
+        return self.grid.cell_size_m * self.stride
+
+    @property
     def stride(self) -> int:
         """Cells of the pillar grid per cell of the feature map."""
         return int(self.backbone.reduction)
@@ -83,9 +93,16 @@ class BevDetector(nn.Module):
         """Per-sample point clouds (ground frame) -> BEV features ``[B, C, H/s, W/s]``."""
         return self.backbone(self.encoder(points))
 
-    def fuse(self, features: torch.Tensor, ego_from_agent: torch.Tensor) -> torch.Tensor:
-        """Agents' features ``[N, C, h, w]`` (index 0 the ego) -> merged ``[1, C, h, w]`` in the ego grid."""
+    def fuse(self, features: torch.Tensor, ego_from_agent: torch.Tensor,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Agents' features ``[N, C, h, w]`` (index 0 the ego) -> merged ``[1, C, h, w]`` in the ego grid.
+
+        ``valid`` ``[N, 1, h, w]`` (optional) marks the cells each agent actually delivered
+        (e.g. the tiles that arrived); elsewhere that agent is treated as not covering the cell.
+        """
         warped, coverage = warp_to_ego(features, ego_from_agent, self.grid)
+        if valid is not None:
+            coverage = coverage * warp_to_ego(valid.to(features.dtype), ego_from_agent, self.grid, mode="nearest")[0]
         if self.merge is None:
             return max_merge(warped, coverage)
         return self.merge(warped, coverage)
@@ -97,8 +114,18 @@ class BevDetector(nn.Module):
     def detect(self, features: torch.Tensor, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
         """Features -> per-sample boxes ``[K, 9]`` (x, y, z, l, w, h, yaw, score, label)."""
-        return decode(self(features), self.grid, self.stride, score_threshold=score_threshold,
+        return self.decode(self(features), score_threshold=score_threshold, max_detections=max_detections)
+
+    def decode(self, out: HeadOutput, *, score_threshold: float = 0.1,
+               max_detections: int = 100) -> list[torch.Tensor]:
+        """Head outputs -> per-sample boxes ``[K, 9]`` (see :func:`models.head.decode`)."""
+        return decode(out, self.grid, self.stride, score_threshold=score_threshold,
                       max_detections=max_detections, nms_iou_threshold=self.config.nms_iou_threshold)
+
+    @staticmethod
+    def relevance(out: HeadOutput) -> torch.Tensor:
+        """``[B, h, w]`` in [0, 1]: the head's confidence that some object is centred in each cell."""
+        return torch.sigmoid(out.heatmap).amax(dim=1)
 
 
 def build_detector(config: DetectorConfig) -> BevDetector:

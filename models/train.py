@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.cooperative import CoopSample
 from models.detector import BevDetector, load_checkpoint, save_checkpoint
-from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes, transform_points
+from models.geometry import (
+    invert_se3,
+    se3_from_xyz_rpy,
+    transform_boxes,
+    transform_points,
+)
 from models.head import build_targets, compute_loss
 
 log = logging.getLogger(__name__)
@@ -41,9 +46,9 @@ class OptimConfig(BaseModel):
     """Weight of the intermediate-fusion loss next to the single-agent losses."""
     mirror_probability: float = Field(0.5, ge=0.0, le=1.0)
     """Chance of mirroring a sample left-right (augmentation)."""
-    rotate_agents: bool = True
-    """Turn every agent's frame by its own random yaw (augmentation): features must then carry
-    meaning that survives the warp between differently oriented agents."""
+    rotate_scene: bool = True
+    """Turn the whole world by a random yaw about the ego (augmentation): the world's streets have
+    no preferred direction."""
     early_fusion_loss: bool = True
     """Also train on the ego-frame union of all agents' points (the ``early`` path)."""
     seed: int = 0
@@ -66,13 +71,26 @@ def mirror(sample: CoopSample) -> CoopSample:
                       agent_gt_boxes=tuple(flip_boxes(b) for b in sample.agent_gt_boxes))
 
 
-def rotate_agents(sample: CoopSample, yaws_rad: np.ndarray) -> CoopSample:
-    """The same scene with agent ``i``'s frame turned by ``yaws_rad[i]`` about its origin."""
-    turns = np.stack([se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, float(y)) for y in yaws_rad])  # new_from_old
-    points = tuple(transform_points(t, p).astype(np.float32) for t, p in zip(turns, sample.points))
-    ego_from_agent = np.stack([turns[0] @ m @ invert_se3(t) for m, t in zip(sample.ego_from_agent, turns)])
-    return CoopSample(points=points, ego_from_agent=ego_from_agent, gt_boxes=transform_boxes(turns[0], sample.gt_boxes),
-                      agent_gt_boxes=tuple(transform_boxes(t, b) for t, b in zip(turns, sample.agent_gt_boxes)))
+def rotate_scene(sample: CoopSample, yaw_rad: float, lattice_m: float) -> CoopSample:
+    """The same scene with the world turned by ``yaw_rad`` about the ego (augmentation).
+
+    Agents' BEV frames keep world-aligned axes (:func:`models.bev.aligned_bev_frame`), so they
+    turn with the world and each agent's origin moves back onto the ``lattice_m`` lattice: the
+    agents' points turn about their own origins and shift by under half a lattice step.
+    """
+    turn = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, float(yaw_rad))  # new_ego_from_old_ego
+    new_ego_from_agent, new_from_old = [], []
+    for ego_from_agent in sample.ego_from_agent:
+        moved = turn @ ego_from_agent  # the agent's old frame in the new ego frame
+        origin = np.eye(4)
+        xy = moved[:2, 3]
+        origin[:2, 3] = np.round(xy / lattice_m) * lattice_m if lattice_m > 0 else xy
+        new_ego_from_agent.append(origin)
+        new_from_old.append(invert_se3(origin) @ moved)
+    points = tuple(transform_points(m, p).astype(np.float32) for m, p in zip(new_from_old, sample.points))
+    return CoopSample(points=points, ego_from_agent=np.stack(new_ego_from_agent),
+                      gt_boxes=transform_boxes(turn, sample.gt_boxes),
+                      agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(new_from_old, sample.agent_gt_boxes)))
 
 
 def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
@@ -123,8 +141,8 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         sample = samples[rng.randrange(len(samples))]
         if rng.random() < config.mirror_probability:
             sample = mirror(sample)
-        if config.rotate_agents:
-            sample = rotate_agents(sample, np.array([rng.uniform(-np.pi, np.pi) for _ in sample.points]))
+        if config.rotate_scene:
+            sample = rotate_scene(sample, rng.uniform(-np.pi, np.pi), detector.feature_cell_m)
         parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss)
         optimiser.zero_grad(set_to_none=True)
         parts["total"].backward()

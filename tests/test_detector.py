@@ -18,7 +18,7 @@ from models.detector import (BevDetector, CheckpointError, DetectorConfig, build
                              save_checkpoint)
 from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes, transform_points, wrap_angle_rad
 from models.pillars import PillarEncoder
-from models.train import OptimConfig, mirror, rotate_agents, sample_loss, train
+from models.train import OptimConfig, mirror, rotate_scene, sample_loss, train
 
 GRID_CONFIG = BevGridConfig(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=0.5)  # 64 x 64
 SMALL_GRID_CONFIG = BevGridConfig(x_min_m=-8.0, x_max_m=8.0, y_min_m=-8.0, y_max_m=8.0, cell_size_m=0.5)  # 32 x 32
@@ -90,7 +90,7 @@ def _empty_sample(agents: int = 2) -> CoopSample:
                       agent_gt_boxes=tuple(np.zeros((0, 7)) for _ in range(agents)))
 
 
-TRAIN_CONFIG = OptimConfig(steps=60, lr=3e-3, rotate_agents=False, mirror_probability=0.0, checkpoint_every=1000)
+TRAIN_CONFIG = OptimConfig(steps=60, lr=3e-3, rotate_scene=False, mirror_probability=0.0, checkpoint_every=1000)
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,7 @@ def test_resume_continues_from_the_saved_step(trained: TrainedRun, tmp_path: Pat
 def test_resume_from_a_finished_run_does_nothing(tmp_path: Path) -> None:
     detector = _detector(grid=SMALL_GRID_CONFIG)
     checkpoint = tmp_path / "c.pt"
-    config = OptimConfig(steps=2, rotate_agents=False, mirror_probability=0.0, early_fusion_loss=False)
+    config = OptimConfig(steps=2, rotate_scene=False, mirror_probability=0.0, early_fusion_loss=False)
     assert len(train(detector, [_coop_sample()], config, checkpoint)) == 2
     before = {k: v.clone() for k, v in detector.state_dict().items()}
     assert train(detector, [_coop_sample()], config, checkpoint, resume=True) == []
@@ -412,23 +412,29 @@ def _assert_boxes_close(a: np.ndarray, b: np.ndarray) -> None:
     np.testing.assert_allclose(wrap_angle_rad(a[:, 6] - b[:, 6]), 0.0, atol=1e-9)
 
 
-def test_rotate_agents_keeps_the_scene_consistent() -> None:
+@pytest.mark.parametrize("lattice_m", [0.0, 2.0])
+def test_rotate_scene_keeps_the_scene_consistent_and_frames_on_the_lattice(lattice_m: float) -> None:
     sample = _coop_sample()
-    yaws_rad = np.array([0.7, -2.1])
-    turned = rotate_agents(sample, yaws_rad)
+    turned = rotate_scene(sample, 0.7, lattice_m)
     ego_turn = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, 0.7)  # new_ego_from_old_ego
     expected_gt = transform_boxes(ego_turn, sample.gt_boxes)
     _assert_boxes_close(turned.gt_boxes, expected_gt)
     np.testing.assert_allclose(turned.ego_from_agent[0], np.eye(4), atol=1e-12)
     for j, boxes_in_ego in enumerate(_agent_boxes_in_ego(turned)):
         _assert_boxes_close(boxes_in_ego, expected_gt)
-        # Each agent's own view turned by its own yaw: centres rotate about its origin.
-        turn_j = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, float(yaws_rad[j]))
-        _assert_boxes_close(turned.agent_gt_boxes[j], transform_boxes(turn_j, sample.agent_gt_boxes[j]))
+        # Every agent's frame is a pure shift from the ego's, by whole lattice steps.
+        np.testing.assert_allclose(turned.ego_from_agent[j][:3, :3], np.eye(3), atol=1e-12)
+        if lattice_m:
+            steps = turned.ego_from_agent[j][:2, 3] / lattice_m
+            np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
         points_in_ego = transform_points(turned.ego_from_agent[j], turned.points[j])
         original_in_ego = transform_points(ego_turn @ sample.ego_from_agent[j], sample.points[j])
         np.testing.assert_allclose(points_in_ego, original_in_ego, atol=1e-4)  # float32 points
         assert turned.points[j].dtype == np.float32
+    # The agent sits under half a lattice step from its frame's origin.
+    agent_origin = transform_points(invert_se3(turned.ego_from_agent[1]) @ ego_turn @ sample.ego_from_agent[1],
+                                    np.zeros((1, 3)))
+    assert np.all(np.abs(agent_origin[0, :2]) <= lattice_m / 2 + 1e-9)
 
 
 def test_mirror_keeps_the_scene_consistent_and_twice_is_identity() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.bev import BevGrid
+from models.bev import BevGrid, BevGridConfig, aligned_bev_frame
 from models.geometry import se3_from_xyz_rpy
 from models.warp import AttentionMerge, bev_affine, max_merge, warp_to_ego
 
@@ -186,3 +186,27 @@ def test_attention_merge_uncovered_agent_gets_no_weight_and_gradients_stay_finit
     merged.sum().backward()
     assert torch.isfinite(features.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in merge.parameters())
+
+
+@pytest.mark.parametrize("x, y, yaw_deg", [(0.3, -0.2, 0.0), (13.1, -7.9, 37.0), (-101.0, 55.5, -160.0)])
+def test_aligned_bev_frames_sit_on_the_lattice_and_keep_the_points_in_the_world(x, y, yaw_deg) -> None:
+    world_from_ground = se3_from_xyz_rpy(x, y, 0.0, 0.0, 0.0, math.radians(yaw_deg))
+    world_from_bev, bev_from_ground = aligned_bev_frame(world_from_ground, 2.0)
+    np.testing.assert_allclose(world_from_bev[:3, :3], np.eye(3), atol=1e-12)  # world-aligned axes
+    steps = world_from_bev[:2, 3] / 2.0
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
+    np.testing.assert_allclose(world_from_bev @ bev_from_ground, world_from_ground, atol=1e-9)
+    assert np.all(np.abs(bev_from_ground[:2, 3]) <= 1.0 + 1e-9)  # at most half a step from the agent
+
+
+def test_warp_between_aligned_frames_moves_features_by_whole_cells_exactly() -> None:
+    """Agents on the lattice: the warp is an exact shift, no blur (a cell keeps its value)."""
+    grid = BevGridConfig(x_min_m=-8, x_max_m=8, y_min_m=-8, y_max_m=8, cell_size_m=2.0).build()
+    features = torch.zeros(1, 1, 8, 8)
+    features[0, 0, 2, 5] = 1.0  # row 2 (y in [-4, -2)), col 5 (x in [2, 4))
+    world_from_agent, _ = aligned_bev_frame(se3_from_xyz_rpy(4.3, -1.9, 0, 0, 0, 1.2), 2.0)
+    ego_from_agent = torch.as_tensor(world_from_agent, dtype=torch.float32)[None]  # the ego's BEV frame: world origin
+    warped, _ = warp_to_ego(features, ego_from_agent, grid)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[0, 0, 2 - 1, 5 + 2] = 1.0  # agent origin at (4, -2) m: two cells right, one down
+    torch.testing.assert_close(warped, expected, atol=1e-5, rtol=0)

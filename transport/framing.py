@@ -1,0 +1,114 @@
+"""Framing: plain arrays and tiles <-> ``cp.v1.FeatureFrame`` messages.
+
+Everything that builds or reads a ``FeatureFrame`` goes through here, so the
+agent and fusion sides agree on every field by construction. Tiles are
+anything with ``index``, ``payload``, ``crc32`` and ``relevance`` attributes
+(e.g. ``models.codec.CodedTile``); boxes are ``[K, 9]`` arrays of
+``x, y, z, l, w, h, yaw, score, label``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from protos import BevGridSpec, Box3D, FeatureFrame, ObjectClass, Pose
+
+LABEL_TO_CLASS = {0: ObjectClass.OBJECT_CLASS_VEHICLE, 1: ObjectClass.OBJECT_CLASS_PEDESTRIAN}
+"""Detector class index -> wire class."""
+CLASS_TO_LABEL = {v: k for k, v in LABEL_TO_CLASS.items()}
+
+
+class FramingError(ValueError):
+    """A message that cannot be turned back into arrays (the message names the field)."""
+
+
+class TileLike(Protocol):
+    index: int
+    payload: bytes
+    crc32: int
+    relevance: float
+
+
+@dataclass(frozen=True, slots=True)
+class GridSpec:
+    """The feature grid a frame's tiles belong to (see ``cp.v1.BevGridSpec``)."""
+
+    x_min_m: float
+    x_max_m: float
+    y_min_m: float
+    y_max_m: float
+    cell_size_m: float
+    channels: int
+    tile_size_cells: int
+
+    @property
+    def height_cells(self) -> int:
+        return round((self.y_max_m - self.y_min_m) / self.cell_size_m)
+
+    @property
+    def width_cells(self) -> int:
+        return round((self.x_max_m - self.x_min_m) / self.cell_size_m)
+
+    def to_proto(self) -> BevGridSpec:
+        return BevGridSpec(x_min_m=self.x_min_m, x_max_m=self.x_max_m, y_min_m=self.y_min_m, y_max_m=self.y_max_m,
+                           cell_size_m=self.cell_size_m, channels=self.channels, height_cells=self.height_cells,
+                           width_cells=self.width_cells, tile_size_cells=self.tile_size_cells)
+
+
+def pose_to_proto(world_from_agent: np.ndarray) -> Pose:
+    """A rigid ``[4, 4]`` transform as ``Pose`` (R = Rz(yaw) Ry(pitch) Rx(roll))."""
+    m = np.asarray(world_from_agent, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise FramingError(f"pose must be a finite 4x4 matrix, got shape {m.shape}")
+    pitch = math.asin(max(-1.0, min(1.0, -m[2, 0])))
+    return Pose(x_m=m[0, 3], y_m=m[1, 3], z_m=m[2, 3], roll_rad=math.atan2(m[2, 1], m[2, 2]), pitch_rad=pitch,
+                yaw_rad=math.atan2(m[1, 0], m[0, 0]))
+
+
+def pose_from_proto(pose: Pose) -> np.ndarray:
+    """``Pose`` -> ``world_from_agent`` ``[4, 4]``."""
+    values = (pose.x_m, pose.y_m, pose.z_m, pose.roll_rad, pose.pitch_rad, pose.yaw_rad)
+    if not all(math.isfinite(v) for v in values):
+        raise FramingError(f"pose has a non-finite value: {values}")
+    cr, sr = math.cos(pose.roll_rad), math.sin(pose.roll_rad)
+    cp, sp = math.cos(pose.pitch_rad), math.sin(pose.pitch_rad)
+    cy, sy = math.cos(pose.yaw_rad), math.sin(pose.yaw_rad)
+    return np.array([[cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr, pose.x_m],
+                     [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr, pose.y_m],
+                     [-sp, cp * sr, cp * cr, pose.z_m],
+                     [0.0, 0.0, 0.0, 1.0]])
+
+
+def boxes_to_proto(boxes: np.ndarray) -> list[Box3D]:
+    """``[K, 9]`` (x, y, z, l, w, h, yaw, score, label) -> ``Box3D`` messages."""
+    out = []
+    for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 9):
+        out.append(Box3D(x_m=b[0], y_m=b[1], z_m=b[2], length_m=b[3], width_m=b[4], height_m=b[5], yaw_rad=b[6],
+                         score=b[7], label=LABEL_TO_CLASS.get(int(b[8]), ObjectClass.OBJECT_CLASS_UNKNOWN)))
+    return out
+
+
+def boxes_from_proto(boxes: Iterable[Box3D]) -> np.ndarray:
+    """``Box3D`` messages -> ``[K, 9]`` (unknown classes get label -1)."""
+    rows = [[b.x_m, b.y_m, b.z_m, b.length_m, b.width_m, b.height_m, b.yaw_rad, b.score,
+             CLASS_TO_LABEL.get(b.label, -1)] for b in boxes]
+    return np.array(rows, dtype=np.float64).reshape(-1, 9)
+
+
+def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_from_agent: np.ndarray,
+                  grid: GridSpec, codec_id: str, rate_level: int, tiles: Iterable[TileLike], tile_count: int,
+                  detections: np.ndarray | None = None, session_id: int = 0, send_time_ns: int = 0) -> FeatureFrame:
+    """One agent-frame as a message (unchunked)."""
+    return FeatureFrame(agent_id=agent_id, session_id=session_id, sequence=sequence,
+                        capture_time_ns=capture_time_ns, send_time_ns=send_time_ns,
+                        pose=pose_to_proto(world_from_agent), grid=grid.to_proto(), codec_id=codec_id,
+                        rate_level=rate_level,
+                        tiles=[dict(index=t.index, payload=t.payload, crc32=t.crc32, relevance=t.relevance)
+                               for t in tiles],
+                        tile_count=tile_count,
+                        detections=boxes_to_proto(detections) if detections is not None else [])
