@@ -194,3 +194,24 @@ def test_encode_within_a_budget_picks_the_best_level_that_fits() -> None:
     assert generous.level == 2 and generous.payload_bytes == sizes[2]
     tight = codec.encode_within(features, max_bytes=sizes[0] // 2)
     assert tight.level == 0 and tight.payload_bytes <= sizes[0] // 2 and tight.tiles
+
+
+def test_committed_codec_levels_are_monotone_in_bytes_on_a_fresh_world() -> None:
+    """The committed detector and codec, on a world never used in training (seed 7)."""
+    from agents import SyntheticWorld, WorldConfig
+    from launch.codec_cmd import load_codec_for
+    from launch.eval_cmd import DEFAULT_CHECKPOINT
+    from launch.samples import coop_sample
+    from models.detector import load_checkpoint
+
+    detector = load_checkpoint(DEFAULT_CHECKPOINT)[0].eval()
+    codec = load_codec_for(detector)
+    world = SyntheticWorld(WorldConfig(seed=7, frames=3, agents=2, camera={"count": 0}))
+    sample = coop_sample(world.frame(2), detector.grid, detector.feature_cell_m)
+    with torch.no_grad():
+        features = detector.features([torch.from_numpy(p) for p in sample.points])
+    for k in range(len(sample.points)):
+        sizes = [codec.encode(features[k:k + 1], level).payload_bytes for level in range(codec.config.rate_levels)]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1], sizes
+        decoded, mask, report = codec.decode(codec.encode(features[k:k + 1], 0))
+        assert decoded.shape == features[k:k + 1].shape and not report.refused and torch.all(mask == 1)
