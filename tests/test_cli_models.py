@@ -1,0 +1,48 @@
+"""``cpstream eval`` and ``cpstream bench codec`` end to end on a tiny held-out world (committed weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+
+TINY_WORLD = ["--seed", "11", "--frames", "2", "--agents", "2"]
+
+
+def test_eval_with_the_codec_reports_wire_bytes_and_dumps_what_it_scored(tmp_path: Path) -> None:
+    out, dump = tmp_path / "eval.json", tmp_path / "dump.jsonl"
+    assert main(["eval", "--fusion", "intermediate", "--rate-level", "0", "--json", str(out), "--dump", str(dump),
+                 *TINY_WORLD]) == 0
+    result = json.loads(out.read_text())
+    assert result["frames"] == 2 and result["rate_level"] == 0 and result["codec_id"].startswith("ib-")
+    assert set(result["ap"]) == {"0.3", "0.5", "0.7"}
+    assert 100 < result["bytes_per_frame"] < 640_000 / 100  # framing included, far below raw fp32
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(lines) == 2 and all({"frame", "gt", "det"} <= set(line) for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fusion", "late", "--rate-level", "0"], "needs --fusion intermediate"),
+    (["--fusion", "intermediate", "--rate-level", "9"], "the codec has levels 0..4"),
+])
+def test_eval_refuses_a_rate_level_it_cannot_use(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    assert main(["eval", *argv, "--json", str(tmp_path / "x.json"), *TINY_WORLD]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_codec_writes_the_documented_json_and_a_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "codec.json", tmp_path / "codec.png"
+    assert main(["bench", "codec", "--json", str(out), "--plot", str(png), *TINY_WORLD]) == 0
+    result = json.loads(out.read_text())
+    assert result["raw_fp32_bytes_per_frame"] == 64 * 50 * 50 * 4
+    assert set(result["uncompressed"]["ap"]) == {"0.3", "0.5", "0.7"} and "bytes_per_frame" in result["late"]
+    levels = result["levels"]
+    assert [lv["level"] for lv in levels] == list(range(5))
+    assert all({"bytes_per_frame", "ap", "encode_ms", "decode_ms"} <= set(lv) for lv in levels)
+    assert set(result["baselines"]) == {"raw_fp16", "int8_zstd", "topk_fp16"}
+    for runs in result["baselines"].values():
+        assert all({"bytes_per_frame", "ap"} <= set(run) for run in runs)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
