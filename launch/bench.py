@@ -86,7 +86,8 @@ def bench_fusion(args: argparse.Namespace) -> dict:
     from models.cooperative import FUSION_MODES
     from models.detector import load_checkpoint
 
-    checkpoints = sorted((REPO_ROOT / "models" / "checkpoints").glob("*.pt"))
+    checkpoints = sorted(p for p in (REPO_ROOT / "models" / "checkpoints").glob("*.pt")
+                         if not p.name.startswith("codec_"))  # codecs sit beside their detectors
     if not checkpoints:
         raise FileNotFoundError("no trained detectors in models/checkpoints (run cpstream train first)")
     samples, runs = {}, []
