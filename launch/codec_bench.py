@@ -152,10 +152,6 @@ def int8_zstd_scheme(grid: GridSpec) -> Scheme:
     return send
 
 
-TOPK_CELL_BYTES = 2 + 2 * 64
-"""A sparsified cell: its uint16 index and its channels as fp16 (64 channels)."""
-
-
 def topk_scheme(grid: GridSpec, budget_bytes: int) -> Scheme:
     """Where2comm-style: only the cells the agent's own head finds most relevant, as fp16, within a budget."""
     def send(view: AgentView, k: int, sample: CoopSample, frame_no: int) -> Sent:

@@ -252,7 +252,7 @@ class FeatureCodec(nn.Module):
         return math.ceil(feature_shape[1] / s), math.ceil(feature_shape[2] / s)
 
     def _tile_slices(self, index: int, latent_hw: tuple[int, int]) -> tuple[slice, slice]:
-        rows, cols = self.tile_grid(latent_hw)
+        _, cols = self.tile_grid(latent_hw)
         r, c = divmod(index, cols)
         t = self.config.tile_cells
         return slice(r * t, min((r + 1) * t, latent_hw[0])), slice(c * t, min((c + 1) * t, latent_hw[1]))
