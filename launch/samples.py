@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from agents import SceneFrame
-from agents.frames import AgentFrame, ObjectClass
+from agents.frames import ObjectClass
+from agents.node import ground_points, ground_pose
 from agents.visibility import points_on_boxes
 from models.bev import BevGrid, aligned_bev_frame
 from models.cooperative import CoopSample
@@ -13,25 +14,6 @@ from models.geometry import invert_se3, transform_boxes, transform_points
 
 MIN_POINTS_FOR_GT = 1
 """An object is ground truth when at least this many LiDAR points of some agent fall on it."""
-
-
-def ground_pose(agent: AgentFrame, true: bool = False) -> np.ndarray:
-    """``world_from_ground``: the LiDAR pose moved down to the ground (world z = 0 is the ground).
-
-    The reported pose is what the system knows and fuses with; ``true=True``
-    takes the exact one when the data has it (for placing ground truth).
-    """
-    exact = true and agent.true_world_from_lidar is not None
-    pose = (agent.true_world_from_lidar if exact else agent.world_from_lidar).copy()
-    pose[2, 3] = 0.0
-    return pose
-
-
-def ground_points(agent: AgentFrame) -> np.ndarray:
-    """The agent's points ``[N, 4]`` in its ground frame (z = height above the ground)."""
-    points = agent.points.copy()
-    points[:, 2] += np.float32(agent.world_from_lidar[2, 3])
-    return points
 
 
 def coop_sample(frame: SceneFrame, grid: BevGrid, lattice_m: float,

@@ -16,8 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
-from protos import BevGridSpec, Box3D, FeatureFrame, ObjectClass, Pose
+from protos import BevGridSpec, Box3D, FeatureDtype, FeatureFrame, ObjectClass, Pose
 
+RAW_CODEC_ID = "raw"
+"""Codec id of uncompressed features: one tile holding the ``[C, h, w]`` map in ``feature_dtype``."""
 LABEL_TO_CLASS = {0: ObjectClass.OBJECT_CLASS_VEHICLE, 1: ObjectClass.OBJECT_CLASS_PEDESTRIAN}
 """Detector class index -> wire class."""
 CLASS_TO_LABEL = {v: k for k, v in LABEL_TO_CLASS.items()}
@@ -53,6 +55,15 @@ class GridSpec:
     @property
     def width_cells(self) -> int:
         return round((self.x_max_m - self.x_min_m) / self.cell_size_m)
+
+    def mismatch(self, other: GridSpec, tolerance_m: float = 1e-4) -> str | None:
+        """``None`` when ``other`` is the same grid (to float32 precision), else what differs."""
+        diffs = [f"{name} {getattr(other, name)} != {getattr(self, name)}"
+                 for name in ("x_min_m", "x_max_m", "y_min_m", "y_max_m", "cell_size_m")
+                 if abs(getattr(other, name) - getattr(self, name)) > tolerance_m]
+        diffs += [f"{name} {getattr(other, name)} != {getattr(self, name)}"
+                  for name in ("channels", "tile_size_cells") if getattr(other, name) != getattr(self, name)]
+        return "; ".join(diffs) or None
 
     def to_proto(self) -> BevGridSpec:
         return BevGridSpec(x_min_m=self.x_min_m, x_max_m=self.x_max_m, y_min_m=self.y_min_m, y_max_m=self.y_max_m,
@@ -102,13 +113,25 @@ def boxes_from_proto(boxes: Iterable[Box3D]) -> np.ndarray:
 
 def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_from_agent: np.ndarray,
                   grid: GridSpec, codec_id: str, rate_level: int, tiles: Iterable[TileLike], tile_count: int,
-                  detections: np.ndarray | None = None, session_id: int = 0, send_time_ns: int = 0) -> FeatureFrame:
-    """One agent-frame as a message (unchunked)."""
+                  detections: np.ndarray | None = None, session_id: int = 0, send_time_ns: int = 0,
+                  feature_dtype: int = FeatureDtype.FEATURE_DTYPE_UNSPECIFIED, auth_token: str = "") -> FeatureFrame:
+    """One agent-frame as a message (unchunked). ``feature_dtype`` matters for :data:`RAW_CODEC_ID` only."""
     return FeatureFrame(agent_id=agent_id, session_id=session_id, sequence=sequence,
                         capture_time_ns=capture_time_ns, send_time_ns=send_time_ns,
                         pose=pose_to_proto(world_from_agent), grid=grid.to_proto(), codec_id=codec_id,
                         rate_level=rate_level,
                         tiles=[dict(index=t.index, payload=t.payload, crc32=t.crc32, relevance=t.relevance)
                                for t in tiles],
-                        tile_count=tile_count,
+                        tile_count=tile_count, feature_dtype=feature_dtype, auth_token=auth_token,
                         detections=boxes_to_proto(detections) if detections is not None else [])
+
+
+def grid_from_proto(spec: BevGridSpec) -> GridSpec:
+    """``BevGridSpec`` -> :class:`GridSpec` (checks that the extent is whole cells)."""
+    grid = GridSpec(spec.x_min_m, spec.x_max_m, spec.y_min_m, spec.y_max_m, spec.cell_size_m, spec.channels,
+                    spec.tile_size_cells)
+    if not spec.cell_size_m > 0 or (grid.height_cells, grid.width_cells) != (spec.height_cells, spec.width_cells):
+        raise FramingError(f"grid spec is inconsistent: {spec.height_cells}x{spec.width_cells} cells of "
+                           f"{spec.cell_size_m} m over x [{spec.x_min_m}, {spec.x_max_m}], "
+                           f"y [{spec.y_min_m}, {spec.y_max_m}]")
+    return grid

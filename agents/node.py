@@ -1,0 +1,335 @@
+"""The agent node: sensor frames -> BEV features -> codec -> ``FeatureFrame``s to the fusion node.
+
+One process per agent. Frames come from a source (the synthetic world rendered
+live, or an OPV2V-layout folder) on a sensor clock: frame ``k`` is captured at
+``start_time_ns + k / rate_hz``, the same clock for every agent of a launch, so the
+fusion node can line frames up by capture time. When the model falls behind, the
+agent skips to the newest sensor frame instead of queueing (latest wins), and its
+uplink replaces a frame gRPC has not taken yet. Each frame carries the agent's own
+object list, its pose (the BEV frame's place in the world) and the grid spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agents.frames import AgentFrame
+from agents.opv2v import DatasetError, Scenario, read_agent_frame
+from agents.world import SyntheticWorld, WorldConfig
+from models.bev import aligned_bev_frame
+from models.codec import CodedTile, FeatureCodec
+from models.codec_train import load_codec
+from models.detector import BevDetector, load_checkpoint
+from models.geometry import transform_points
+from protos import Control, FeatureDtype, FeatureFrame
+from transport import (
+    RAW_CODEC_ID,
+    FeatureUplink,
+    GridSpec,
+    LinkError,
+    TlsFiles,
+    feature_frame,
+)
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "CPSTREAM_TOKEN"
+"""Environment variable an agent reads its token from when the config leaves it empty."""
+
+
+def ground_pose(agent: AgentFrame, true: bool = False) -> np.ndarray:
+    """``world_from_ground``: the LiDAR pose moved down to the ground (world z = 0 is the ground).
+
+    The reported pose is what the system knows and fuses with; ``true=True``
+    takes the exact one when the data has it (for placing ground truth).
+    """
+    exact = true and agent.true_world_from_lidar is not None
+    pose = (agent.true_world_from_lidar if exact else agent.world_from_lidar).copy()
+    pose[2, 3] = 0.0
+    return pose
+
+
+def ground_points(agent: AgentFrame) -> np.ndarray:
+    """The agent's points ``[N, 4]`` in its ground frame (z = height above the ground)."""
+    points = agent.points.copy()
+    points[:, 2] += np.float32(agent.world_from_lidar[2, 3])
+    return points
+
+
+def bev_input(agent: AgentFrame, lattice_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(``world_from_bev``, ``bev_from_ground``, points ``[N, 4]`` in the BEV frame) from the reported pose.
+
+    The BEV frame is :func:`models.bev.aligned_bev_frame` of the agent's ground pose on the
+    detector's feature lattice: what the agent computes features in and reports as its pose.
+    """
+    world_from_bev, bev_from_ground = aligned_bev_frame(ground_pose(agent), lattice_m)
+    points = transform_points(bev_from_ground, ground_points(agent)).astype(np.float32)
+    return world_from_bev, bev_from_ground, points
+
+
+class SourceConfig(BaseModel):
+    """Where an agent's frames come from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["world", "folder"] = "world"
+    world: WorldConfig = WorldConfig(camera={"count": 0})
+    """The synthetic world (``kind: world``), rendered live for this agent only."""
+    folder: Path | None = None
+    """An OPV2V-layout scenario folder (``kind: folder``): played at the sensor rate."""
+    preload: bool = True
+    """Read the folder's frames into memory before starting, as a recording player buffers: parsing a
+    frame's YAML costs tens of milliseconds of CPU that would otherwise compete with the model."""
+
+    @model_validator(mode="after")
+    def _folder_given(self) -> SourceConfig:
+        if self.kind == "folder" and self.folder is None:
+            raise ValueError("source kind 'folder' needs source.folder")
+        return self
+
+
+class ClientTlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca: Path | None = None
+    """CA that signed the fusion node's certificate; set it to use TLS."""
+    cert: Path | None = None
+    key: Path | None = None
+    """This agent's certificate and key, for mutual TLS."""
+
+    def files(self) -> TlsFiles | None:
+        return None if self.ca is None else TlsFiles(ca=self.ca, cert=self.cert, key=self.key)
+
+
+class AgentNodeConfig(BaseModel):
+    """One agent process (a launch file's ``agents:`` entry, plus what the launch shares)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    agent_id: int
+    fusion: str = "127.0.0.1:50051"
+    """The fusion node's ``host:port``."""
+    token: str = ""
+    """This agent's token (empty: read from the ``CPSTREAM_TOKEN`` environment variable)."""
+    tls: ClientTlsConfig = ClientTlsConfig()
+    source: SourceConfig = SourceConfig()
+    frames: int | None = Field(None, ge=1)
+    """How many sensor frames to play (default: all the source has)."""
+    rate_hz: float = Field(10.0, ge=0.0)
+    """Sensor rate; 0 plays frames as fast as the model goes."""
+    start_time_ns: int | None = None
+    """Capture time of frame 0 on the shared sensor clock (default: the next whole second)."""
+    detector: Path = Path("models/checkpoints/mobiledet_tiny.pt")
+    codec: Path | None = Path("models/checkpoints/codec_mobiledet_tiny.pt")
+    """``None`` sends raw features (``raw_dtype``)."""
+    rate_level: int = Field(0, ge=0)
+    raw_dtype: Literal["float16", "float32"] = "float16"
+    score_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    threads: int = Field(1, ge=1)
+    """torch CPU threads."""
+
+
+class FrameSource:
+    """An agent's frames by index, rendered or read on demand."""
+
+    def __init__(self, config: SourceConfig, agent_id: int) -> None:
+        self.agent_id = agent_id
+        if config.kind == "world":
+            self._world = SyntheticWorld(config.world)
+            if agent_id not in self._world.agent_ids:
+                raise DatasetError(f"agent {agent_id} is not in the world (agents {self._world.agent_ids})")
+            self.count = len(self._world)
+        else:
+            scenario = Scenario(config.folder, load_images=False)
+            if agent_id not in scenario.agent_ids:
+                raise DatasetError(f"{config.folder}: no folder for agent {agent_id} (agents {scenario.agent_ids})")
+            self._folder, self._stamps = config.folder / str(agent_id), scenario.stamps
+            self.count = len(scenario)
+        self._loaded: dict[int, AgentFrame] = {}
+
+    def preload(self, frames: int) -> None:
+        """Read frames ``0 .. frames - 1`` of a folder source into memory (a no-op for the live world)."""
+        if not hasattr(self, "_world"):
+            for index in range(min(frames, self.count)):
+                self._loaded[index] = self.frame(index)
+
+    def frame(self, index: int) -> AgentFrame:
+        if index in self._loaded:
+            return self._loaded[index]
+        if hasattr(self, "_world"):
+            return self._world.agent_frame(index, self.agent_id)
+        return read_agent_frame(self._folder, self._stamps[index], load_images=False)
+
+
+@dataclass(slots=True)
+class AgentCounters:
+    frames_sensed: int = 0
+    frames_skipped: int = 0
+    """Sensor frames passed over because the model was still busy (latest wins)."""
+    compute_ms: list[float] = field(default_factory=list)
+    wire_bytes: list[int] = field(default_factory=list)
+    rate_level: int = 0
+
+
+class AgentNode:
+    """Runs one agent: sense, compute, code, offer to the uplink; until the frames run out or :meth:`stop`."""
+
+    def __init__(self, config: AgentNodeConfig, detector: BevDetector, codec: FeatureCodec | None,
+                 source: FrameSource) -> None:
+        self.config = config
+        self.detector = detector.eval()
+        self.codec = codec.eval() if codec is not None else None
+        self.device = next(detector.parameters()).device
+        self.source = source
+        g = detector.grid
+        tile = codec.config.tile_cells * codec.config.latent_stride if codec is not None else 0
+        self.grid = GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, detector.feature_cell_m,
+                             detector.backbone.out_channels, tile)
+        if codec is not None and not 0 <= config.rate_level < codec.config.rate_levels:
+            raise ValueError(f"rate_level {config.rate_level}: the codec has levels 0..{codec.config.rate_levels - 1}")
+        self.counters = AgentCounters(rate_level=config.rate_level)
+        self.token = config.token or os.environ.get(TOKEN_ENV, "")
+        self.uplink = FeatureUplink(config.fusion, config.agent_id, self.token, config.tls.files(),
+                                    on_control=self._on_control)
+        self._stop = asyncio.Event()
+
+    def _on_control(self, control: Control) -> None:
+        if control.HasField("target_rate_level") and self.codec is not None:
+            level = min(max(control.target_rate_level, 0), self.codec.config.rate_levels - 1)
+            if level != self.counters.rate_level:
+                log.info("agent %d: fusion asks for rate level %d", self.config.agent_id, level)
+            self.counters.rate_level = level
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def warm_up(self) -> None:
+        """Buffer a folder source (when asked) and run the first frame once untimed (torch's first pass is slow)."""
+        if self.config.source.preload:
+            self.source.preload(self.config.frames or self.source.count)
+        self.compute(0, time.time_ns())
+
+    @torch.no_grad()
+    def compute(self, index: int, capture_time_ns: int) -> FeatureFrame:
+        """Sense frame ``index`` and build its message (runs in a worker thread)."""
+        torch.set_num_threads(self.config.threads)
+        agent = self.source.frame(index)
+        world_from_bev, _, points = bev_input(agent, self.detector.feature_cell_m)
+        features = self.detector.features([torch.from_numpy(points).to(self.device)])
+        out = self.detector(features)
+        detections = self.detector.decode(out, score_threshold=self.config.score_threshold)[0].cpu().numpy()
+        common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
+                  "world_from_agent": world_from_bev, "grid": self.grid, "detections": detections[:, :9]}
+        if self.codec is None:
+            dtype = np.float16 if self.config.raw_dtype == "float16" else np.float32
+            payload = features[0].cpu().numpy().astype(dtype).tobytes()
+            return feature_frame(codec_id=RAW_CODEC_ID, rate_level=0, tiles=[CodedTile(0, payload, zlib.crc32(payload))],
+                                 tile_count=1, feature_dtype=FeatureDtype.FEATURE_DTYPE_FLOAT16 if dtype == np.float16
+                                 else FeatureDtype.FEATURE_DTYPE_FLOAT32, **common)
+        coded = self.codec.encode(features, self.counters.rate_level, relevance=self.detector.relevance(out)[0])
+        return feature_frame(codec_id=self.codec.codec_id, rate_level=coded.level, tiles=coded.tiles,
+                             tile_count=self.codec.tile_count(coded.feature_shape), **common)
+
+    async def run(self) -> AgentCounters:
+        """Play the source; returns the counters. Raises ``LinkError`` if the fusion node refuses us."""
+        frames = min(self.config.frames or self.source.count, self.source.count)
+        period_ns = int(1e9 / self.config.rate_hz) if self.config.rate_hz > 0 else 0
+        start_ns = self.config.start_time_ns or (time.time_ns() // 1_000_000_000 + 1) * 1_000_000_000
+        link = asyncio.create_task(self.uplink.run())
+        index = 0
+        try:
+            while index < frames and not self._stop.is_set():
+                if link.done():
+                    link.result()  # raises the link's error
+                    break
+                capture_ns = start_ns + index * period_ns if period_ns else time.time_ns()
+                wait_s = (capture_ns - time.time_ns()) / 1e9
+                if wait_s > 0:  # the sensor clock: frame `index` exists from its capture time on
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), timeout=wait_s)
+                        break
+                    except TimeoutError:
+                        pass
+                began = time.perf_counter()
+                message = await asyncio.to_thread(self.compute, index, capture_ns)
+                self.counters.compute_ms.append((time.perf_counter() - began) * 1e3)
+                self.counters.wire_bytes.append(message.ByteSize())
+                self.counters.frames_sensed += 1
+                self.uplink.offer(message)
+                index += 1
+                if period_ns:  # fell behind the sensor: jump to the newest frame, do not queue
+                    newest = (time.time_ns() - start_ns) // period_ns
+                    if newest > index:
+                        self.counters.frames_skipped += min(newest, frames) - index
+                        index = newest
+        finally:
+            self.uplink.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(link), timeout=5.0)
+            except TimeoutError:
+                link.cancel()
+                await asyncio.gather(link, return_exceptions=True)
+        return self.counters
+
+    def report(self) -> dict:
+        c, u = self.counters, self.uplink.counters
+        return {"agent_id": self.config.agent_id, "frames_sensed": c.frames_sensed, "frames_skipped": c.frames_skipped,
+                "compute_ms": _percentiles(c.compute_ms), "bytes_per_frame": float(np.mean(c.wire_bytes))
+                if c.wire_bytes else 0.0, "rate_level": c.rate_level,
+                "uplink": {"offered": u.offered, "sent": u.sent, "dropped_stale": u.dropped_stale,
+                           "bytes_sent": u.bytes_sent, "connects": u.connects, "disconnects": u.disconnects,
+                           "last_error": u.last_error}}
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None}
+    return {"p50": round(float(np.percentile(values, 50)), 2), "p99": round(float(np.percentile(values, 99)), 2)}
+
+
+def load_agent_node(config: AgentNodeConfig, root: Path = Path(".")) -> AgentNode:
+    """Build the node from checkpoints (relative paths from ``root``); CUDA when present."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(config.threads)
+    detector, _ = load_checkpoint(config.detector if config.detector.is_absolute() else root / config.detector,
+                                  map_location=device)
+    codec = None
+    if config.codec is not None:
+        codec, _ = load_codec(config.codec if config.codec.is_absolute() else root / config.codec, detector.config,
+                              map_location=device)
+        codec = codec.to(device)
+    return AgentNode(config, detector.to(device), codec, FrameSource(config.source, config.agent_id))
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
+__all__ = [
+    "TOKEN_ENV",
+    "AgentNode",
+    "AgentNodeConfig",
+    "ClientTlsConfig",
+    "FrameSource",
+    "LinkError",
+    "SourceConfig",
+    "bev_input",
+    "ground_points",
+    "ground_pose",
+    "load_agent_node",
+    "write_report",
+]

@@ -1,0 +1,139 @@
+"""Checking and decoding one received ``FeatureFrame`` into features the fusion node can warp.
+
+Every check names what is wrong; a refused frame raises :class:`FrameRefused` and
+nothing of it is kept (the caller counts it), other frames and agents go on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.codec import CodedFrame, CodedTile, FeatureCodec
+from models.detector import BevDetector
+from protos import FeatureDtype, FeatureFrame
+from transport import (
+    RAW_CODEC_ID,
+    FramingError,
+    GridSpec,
+    boxes_from_proto,
+    grid_from_proto,
+    pose_from_proto,
+)
+
+RIGID_TOLERANCE = 1e-3
+"""How far ``R^T R`` may be from the identity (rounding of the 6 pose numbers is far below this)."""
+
+
+class FrameRefused(ValueError):
+    """A frame the fusion node will not use; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """One agent-frame, decoded and ready to warp."""
+
+    agent_id: int
+    sequence: int
+    capture_time_ns: int
+    receive_time_ns: int
+    world_from_agent: np.ndarray  # [4, 4] the agent's BEV frame in the world
+    features: torch.Tensor  # [1, C, h, w]
+    valid: torch.Tensor  # [1, 1, h, w] 1 where tiles arrived
+    detections: np.ndarray  # [K, 9] the agent's own boxes, its frame
+    payload_bytes: int
+    wire_bytes: int
+    tiles: int
+    tiles_refused: int
+    decode_ms: float
+
+
+def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
+    """The feature grid this node's detector fuses (and the codec's tile size)."""
+    g = detector.grid
+    tile = codec.config.tile_cells * codec.config.latent_stride if codec is not None else 0
+    return GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, detector.feature_cell_m,
+                    detector.backbone.out_channels, tile)
+
+
+def check_pose(world_from_agent: np.ndarray) -> None:
+    rotation = world_from_agent[:3, :3]
+    if not np.all(np.isfinite(world_from_agent)):
+        raise FrameRefused("pose is not finite")
+    if np.abs(rotation.T @ rotation - np.eye(3)).max() > RIGID_TOLERANCE or np.linalg.det(rotation) < 0:
+        raise FrameRefused("pose is not a rigid transform")
+
+
+def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCodec | None, grid: GridSpec,
+                 receive_time_ns: int, max_payload_bytes: int, device: torch.device) -> Contribution:
+    """Check ``frame`` against this node's grid and codec and decode its features.
+
+    Raises:
+        FrameRefused: wrong grid or shapes, foreign codec id, bad rate level, oversized payload,
+            non-finite values, a bad pose, or no decodable tile (the message says which).
+    """
+    t0 = time.perf_counter()
+    try:
+        their_grid = grid_from_proto(frame.grid)
+        world_from_agent = pose_from_proto(frame.pose)
+    except FramingError as err:
+        raise FrameRefused(str(err)) from err
+    difference = grid.mismatch(their_grid)
+    if difference is not None:
+        raise FrameRefused(f"feature grid differs from this node's: {difference}")
+    check_pose(world_from_agent)
+    if frame.capture_time_ns <= 0:
+        raise FrameRefused(f"capture time {frame.capture_time_ns} ns is not a time")
+    payload = sum(len(t.payload) for t in frame.tiles)
+    if payload > max_payload_bytes:
+        raise FrameRefused(f"payload of {payload} bytes exceeds the limit of {max_payload_bytes}")
+    shape = (grid.channels, grid.height_cells, grid.width_cells)
+    refused = 0
+    if frame.codec_id == RAW_CODEC_ID:
+        features, valid = _raw_features(frame, shape, device)
+    elif codec is not None and frame.codec_id == codec.codec_id:
+        if not 0 <= frame.rate_level < codec.config.rate_levels:
+            raise FrameRefused(f"rate level {frame.rate_level} outside 0..{codec.config.rate_levels - 1}")
+        if frame.tile_count != codec.tile_count(shape):
+            raise FrameRefused(f"tile count {frame.tile_count} != {codec.tile_count(shape)} of this codec")
+        tiles = tuple(CodedTile(t.index, t.payload, t.crc32, t.relevance) for t in frame.tiles)
+        features, valid, report = codec.decode(CodedFrame(frame.rate_level, shape, tiles), device=device)
+        refused = len(report.refused)
+        if not report.decoded and frame.tiles:
+            raise FrameRefused(f"no tile decoded: {report.refused[0][1]}")
+    else:
+        known = [RAW_CODEC_ID] + ([codec.codec_id] if codec is not None else [])
+        raise FrameRefused(f"unknown codec id {frame.codec_id!r} (this node decodes {', '.join(known)})")
+    try:
+        detections = boxes_from_proto(frame.detections)
+    except (TypeError, ValueError) as err:
+        raise FrameRefused(f"object list: {err}") from err
+    if not np.all(np.isfinite(detections)):
+        raise FrameRefused("object list has non-finite values")
+    return Contribution(frame.agent_id, frame.sequence, frame.capture_time_ns, receive_time_ns, world_from_agent,
+                        features, valid, detections, payload, frame.ByteSize(), len(frame.tiles), refused,
+                        (time.perf_counter() - t0) * 1e3)
+
+
+def _raw_features(frame: FeatureFrame, shape: tuple[int, int, int], device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    dtypes = {FeatureDtype.FEATURE_DTYPE_FLOAT32: np.float32, FeatureDtype.FEATURE_DTYPE_FLOAT16: np.float16}
+    if frame.feature_dtype not in dtypes:
+        raise FrameRefused(f"raw features need dtype float32 or float16, not "
+                           f"{FeatureDtype.Name(frame.feature_dtype) if frame.feature_dtype in FeatureDtype.values() else frame.feature_dtype}")
+    if len(frame.tiles) != 1:
+        raise FrameRefused(f"raw features come as one tile, got {len(frame.tiles)}")
+    dtype = dtypes[frame.feature_dtype]
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(frame.tiles[0].payload) != expected:
+        raise FrameRefused(f"raw payload of {len(frame.tiles[0].payload)} bytes does not hold a {shape} "
+                           f"{np.dtype(dtype).name} map ({expected} bytes)")
+    array = np.frombuffer(frame.tiles[0].payload, dtype).reshape(shape).astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise FrameRefused(f"raw features hold {int((~np.isfinite(array)).sum())} non-finite values")
+    features = torch.from_numpy(array)[None].to(device)
+    return features, torch.ones((1, 1, *shape[1:]), device=device)
