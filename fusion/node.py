@@ -245,14 +245,17 @@ class FusionNode(FusionServicer):
         last_ns = 0
         try:
             while True:
-                fused = await queue.get()
-                if fused is None:
+                item = await queue.get()
+                if item is None:
                     return
+                fused, agent_frames = item
                 if min_gap_ns and fused.publish_time_ns - last_ns < min_gap_ns:
                     continue
                 last_ns = fused.publish_time_ns
                 if request.min_score > 0 or request.agent_ids:
                     fused = self._filtered(fused, request)
+                if request.include_agent_frames and agent_frames:
+                    fused = _with_agent_frames(fused, agent_frames)
                 yield fused
         finally:
             self.subscribers.remove(queue)
@@ -298,10 +301,10 @@ class FusionNode(FusionServicer):
                 if self._complete(slot):
                     break
                 await self._wait_arrival(remaining)
-            fused = await asyncio.to_thread(self.fuse_slot, slot)
+            item = await asyncio.to_thread(self.fuse_slot, slot)
             self.last_slot = slot
             self.ticks += 1
-            self._publish(fused)
+            self._publish(item)
 
     async def _wait_arrival(self, timeout_s: float | None) -> None:
         waiters = [asyncio.ensure_future(self._arrival.wait()), asyncio.ensure_future(self._stopping.wait())]
@@ -327,7 +330,7 @@ class FusionNode(FusionServicer):
         return picked
 
     @torch.no_grad()
-    def fuse_slot(self, slot: int) -> FusedFrame:
+    def fuse_slot(self, slot: int) -> tuple[FusedFrame, list[FeatureFrame]]:
         """Warp, merge and detect what is there for ``slot`` (runs in a worker thread)."""
         torch.set_num_threads(self.config.threads)
         start = time.perf_counter()
@@ -336,7 +339,7 @@ class FusionNode(FusionServicer):
         fused = FusedFrame(sequence=slot, fusion_time_ns=time.time_ns())
         if not picked:
             fused.publish_time_ns = time.time_ns()
-            return fused
+            return fused, []
         ids = [c.agent_id for c, _ in picked]
         ego = self.config.ego_agent_id if self.config.ego_agent_id in ids else min(
             (a for a in ids if a >= 0), default=ids[0])
@@ -370,14 +373,16 @@ class FusionNode(FusionServicer):
             StageTiming(stage="detect", duration_ms=(detected_at - fused_at) * 1e3)])
         fused.publish_time_ns = time.time_ns()
         fused.latency_ms = (fused.publish_time_ns - fused.capture_time_ns) / 1e6
-        return fused
+        fresh_frames = [c.message for c, status in picked
+                        if status == ContributionStatus.CONTRIBUTION_STATUS_FRESH and c.message is not None]
+        return fused, fresh_frames
 
-    def _publish(self, fused: FusedFrame) -> None:
+    def _publish(self, item: tuple[FusedFrame, list[FeatureFrame]]) -> None:
         for queue in self.subscribers:
             if queue.full():
                 queue.get_nowait()
                 self.subscriber_drops += 1
-            queue.put_nowait(fused)
+            queue.put_nowait(item)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -413,6 +418,13 @@ class FusionNode(FusionServicer):
         return {"ticks": self.ticks, "refused_streams": dict(self.refused_streams),
                 "subscriber_drops": self.subscriber_drops,
                 "agents": {str(a): s.counters() for a, s in sorted(self.agents.items())}}
+
+
+def _with_agent_frames(fused: FusedFrame, agent_frames: list[FeatureFrame]) -> FusedFrame:
+    out = FusedFrame()
+    out.CopyFrom(fused)
+    out.agent_frames.extend(agent_frames)
+    return out
 
 
 def load_fusion_node(config: FusionConfig, root: Path = Path(".")) -> FusionNode:

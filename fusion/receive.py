@@ -50,6 +50,8 @@ class Contribution:
     tiles: int
     tiles_refused: int
     decode_ms: float
+    message: FeatureFrame | None = None
+    """The frame as received (forwarded to subscribers that record)."""
 
 
 def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
@@ -116,7 +118,7 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
         raise FrameRefused("object list has non-finite values")
     return Contribution(frame.agent_id, frame.sequence, frame.capture_time_ns, receive_time_ns, world_from_agent,
                         features, valid, detections, payload, frame.ByteSize(), len(frame.tiles), refused,
-                        (time.perf_counter() - t0) * 1e3)
+                        (time.perf_counter() - t0) * 1e3, frame)
 
 
 def _raw_features(frame: FeatureFrame, shape: tuple[int, int, int], device: torch.device

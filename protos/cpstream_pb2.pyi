@@ -285,7 +285,7 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class FusedFrame(_message.Message):
-    __slots__ = ("sequence", "fusion_time_ns", "ego_agent_id", "reference_pose", "boxes", "contributions", "link_stats", "capture_time_ns", "publish_time_ns", "latency_ms", "stage_timings", "grid", "codec_id", "feature_dtype", "tiles")
+    __slots__ = ("sequence", "fusion_time_ns", "ego_agent_id", "reference_pose", "boxes", "contributions", "link_stats", "capture_time_ns", "publish_time_ns", "latency_ms", "stage_timings", "grid", "codec_id", "feature_dtype", "tiles", "agent_frames")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FUSION_TIME_NS_FIELD_NUMBER: _ClassVar[int]
     EGO_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +301,7 @@ class FusedFrame(_message.Message):
     CODEC_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TILES_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     fusion_time_ns: int
     ego_agent_id: int
@@ -316,16 +317,19 @@ class FusedFrame(_message.Message):
     codec_id: str
     feature_dtype: FeatureDtype
     tiles: _containers.RepeatedCompositeFieldContainer[Tile]
-    def __init__(self, sequence: _Optional[int] = ..., fusion_time_ns: _Optional[int] = ..., ego_agent_id: _Optional[int] = ..., reference_pose: _Optional[_Union[Pose, _Mapping]] = ..., boxes: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., contributions: _Optional[_Iterable[_Union[AgentContribution, _Mapping]]] = ..., link_stats: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., capture_time_ns: _Optional[int] = ..., publish_time_ns: _Optional[int] = ..., latency_ms: _Optional[float] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ...) -> None: ...
+    agent_frames: _containers.RepeatedCompositeFieldContainer[FeatureFrame]
+    def __init__(self, sequence: _Optional[int] = ..., fusion_time_ns: _Optional[int] = ..., ego_agent_id: _Optional[int] = ..., reference_pose: _Optional[_Union[Pose, _Mapping]] = ..., boxes: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., contributions: _Optional[_Iterable[_Union[AgentContribution, _Mapping]]] = ..., link_stats: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., capture_time_ns: _Optional[int] = ..., publish_time_ns: _Optional[int] = ..., latency_ms: _Optional[float] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., agent_frames: _Optional[_Iterable[_Union[FeatureFrame, _Mapping]]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("include_features", "agent_ids", "min_score", "max_rate_hz")
+    __slots__ = ("include_features", "agent_ids", "min_score", "max_rate_hz", "include_agent_frames")
     INCLUDE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MAX_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_AGENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     include_features: bool
     agent_ids: _containers.RepeatedScalarFieldContainer[int]
     min_score: float
     max_rate_hz: float
-    def __init__(self, include_features: _Optional[bool] = ..., agent_ids: _Optional[_Iterable[int]] = ..., min_score: _Optional[float] = ..., max_rate_hz: _Optional[float] = ...) -> None: ...
+    include_agent_frames: bool
+    def __init__(self, include_features: _Optional[bool] = ..., agent_ids: _Optional[_Iterable[int]] = ..., min_score: _Optional[float] = ..., max_rate_hz: _Optional[float] = ..., include_agent_frames: _Optional[bool] = ...) -> None: ...
