@@ -192,6 +192,7 @@ def full_fused_frame(sequence: int = 1) -> protos.FusedFrame:
         codec_id="raw",
         feature_dtype=protos.FeatureDtype.FEATURE_DTYPE_FLOAT32,
         tiles=_tiles(2),
+        agent_frames=[full_feature_frame()],
     )
 
 
@@ -287,7 +288,7 @@ async def test_grpc_stream_echoes_control_per_frame(fusion_stub: protos.FusionSt
 
 async def test_grpc_subscribe_receives_fused_frames(fusion_stub: protos.FusionStub) -> None:
     request = protos.SubscribeRequest(
-        include_features=True, agent_ids=[1, -3], min_score=0.1, max_rate_hz=10
+        include_features=True, agent_ids=[1, -3], min_score=0.1, max_rate_hz=10, include_agent_frames=True
     )
 
     received = [fused async for fused in fusion_stub.Subscribe(request, timeout=5)]
