@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.frames import AgentFrame
 from agents.opv2v import DatasetError, Scenario, read_agent_frame
@@ -34,14 +34,7 @@ from models.codec_train import load_codec
 from models.detector import BevDetector, load_checkpoint
 from models.geometry import transform_points
 from protos import Control, FeatureDtype, FeatureFrame
-from transport import (
-    RAW_CODEC_ID,
-    FeatureUplink,
-    GridSpec,
-    LinkError,
-    TlsFiles,
-    feature_frame,
-)
+from transport import RAW_CODEC_ID, FeatureUplink, GridSpec, LinkError, TlsFiles, feature_frame
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +77,12 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """``${VAR:-}`` in a launch file gives an empty string: that means not set."""
+        return None if value == "" else value
+
     kind: Literal["world", "folder"] = "world"
     world: WorldConfig = WorldConfig(camera={"count": 0})
     """The synthetic world (``kind: world``), rendered live for this agent only."""
@@ -102,6 +101,12 @@ class SourceConfig(BaseModel):
 
 class ClientTlsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """``${VAR:-}`` in a launch file gives an empty string: that means not set."""
+        return None if value == "" else value
 
     ca: Path | None = None
     """CA that signed the fusion node's certificate; set it to use TLS."""

@@ -21,33 +21,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fusion.receive import Contribution, FrameRefused, decode_frame, expected_grid
 from models.codec import FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, load_checkpoint
 from models.geometry import invert_se3
-from protos import (
-    AgentContribution,
-    ContributionStatus,
-    Control,
-    FeatureFrame,
-    FusedFrame,
-    FusionServicer,
-    LinkStats,
-    StageTiming,
-    SubscribeRequest,
-)
-from transport import (
-    AGENT_KEY,
-    TOKEN_KEY,
-    FusionServer,
-    TlsFiles,
-    boxes_to_proto,
-    pose_to_proto,
-    start_fusion_server,
-)
+from protos import (AgentContribution, ContributionStatus, Control, FeatureFrame, FusedFrame, FusionServicer, LinkStats,
+                    StageTiming, SubscribeRequest)
+from transport import (AGENT_KEY, TOKEN_KEY, FusionServer, MalformedFrame, TlsFiles, boxes_to_proto, pose_to_proto,
+                       start_fusion_server)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +43,12 @@ class TlsConfig(BaseModel):
     """PEM paths; all unset means plain TCP (fine on a private network or loopback)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """``${VAR:-}`` in a launch file gives an empty string: that means not set."""
+        return None if value == "" else value
 
     cert: Path | None = None
     key: Path | None = None
@@ -207,11 +197,14 @@ class FusionNode(FusionServicer):
             self._arrival.set()
             log.info("agent %d disconnected", agent_id)
 
-    async def _receive(self, state: AgentState, frame: FeatureFrame) -> None:
+    async def _receive(self, state: AgentState, frame: FeatureFrame | MalformedFrame) -> None:
         now = time.time_ns()
-        state.bytes_received += frame.ByteSize()
         state.last_receive_ns = now
         try:
+            if isinstance(frame, MalformedFrame):
+                state.bytes_received += frame.size_bytes
+                raise FrameRefused(frame.error)
+            state.bytes_received += frame.ByteSize()
             if frame.agent_id != state.agent_id:
                 raise FrameRefused(f"frame says agent {frame.agent_id} on agent {state.agent_id}'s stream")
             if frame.auth_token and frame.auth_token != self.config.tokens.get(state.agent_id, frame.auth_token):
@@ -224,7 +217,7 @@ class FusionNode(FusionServicer):
             state.last_error = str(err)
             key = _reason_key(str(err))
             state.refused_by_reason[key] = state.refused_by_reason.get(key, 0) + 1
-            log.warning("agent %d frame %d refused: %s", state.agent_id, frame.sequence, err)
+            log.warning("agent %d frame %s refused: %s", state.agent_id, getattr(frame, "sequence", "?"), err)
             return
         state.frames_received += 1
         state.tiles_corrupt += contribution.tiles_refused
@@ -241,6 +234,7 @@ class FusionNode(FusionServicer):
     async def Subscribe(self, request: SubscribeRequest, context: grpc.aio.ServicerContext):
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.config.subscriber_queue)
         self.subscribers.append(queue)
+        await context.send_initial_metadata(())  # tells the subscriber it is registered
         min_gap_ns = int(1e9 / request.max_rate_hz) if request.max_rate_hz > 0 else 0
         last_ns = 0
         try:
@@ -341,8 +335,8 @@ class FusionNode(FusionServicer):
             fused.publish_time_ns = time.time_ns()
             return fused, []
         ids = [c.agent_id for c, _ in picked]
-        ego = self.config.ego_agent_id if self.config.ego_agent_id in ids else min(
-            (a for a in ids if a >= 0), default=ids[0])
+        vehicles = [a for a in ids if a >= 0]
+        ego = self.config.ego_agent_id if self.config.ego_agent_id in ids else min(vehicles, default=ids[0])
         reference = next(c for c, _ in picked if c.agent_id == ego)
         ref_from_world = invert_se3(reference.world_from_agent)
         ego_from_agent = np.stack([ref_from_world @ c.world_from_agent for c, _ in picked])
@@ -354,18 +348,27 @@ class FusionNode(FusionServicer):
         boxes = self.detector.detect(merged, score_threshold=self.config.score_threshold)[0].cpu().numpy()
         boxes = boxes[self.detector.grid.contains(boxes[:, :2])] if len(boxes) else boxes
         detected_at = time.perf_counter()
-        fresh = [c.capture_time_ns for c, status in picked if status == ContributionStatus.CONTRIBUTION_STATUS_FRESH]
+        intended = self.config.ego_agent_id if self.config.ego_agent_id is not None else min(
+            (a for a in self.agents if a >= 0), default=ego)
         fused.ego_agent_id = ego
         fused.reference_pose.CopyFrom(pose_to_proto(reference.world_from_agent))
         fused.boxes.extend(boxes_to_proto(boxes[:, :9]))
-        fused.capture_time_ns = min(fresh) if fresh else slot_ns
+        fused.capture_time_ns = (reference.capture_time_ns if ego == intended
+                                 else max(c.capture_time_ns for c, _ in picked))
+        fresh = ContributionStatus.CONTRIBUTION_STATUS_FRESH
         for c, status in picked:
             fused.contributions.append(AgentContribution(
                 agent_id=c.agent_id, status=status, sequence=c.sequence,
-                age_ms=(slot_ns - c.capture_time_ns) / 1e6 if status != ContributionStatus.CONTRIBUTION_STATUS_FRESH
-                else (time.time_ns() - c.capture_time_ns) / 1e6,
-                tiles_fresh=c.tiles if status == ContributionStatus.CONTRIBUTION_STATUS_FRESH else 0,
-                tiles_substituted=c.tiles if status == ContributionStatus.CONTRIBUTION_STATUS_SUBSTITUTED else 0))
+                age_ms=(fused.fusion_time_ns - c.capture_time_ns) / 1e6,
+                tiles_fresh=c.tiles if status == fresh else 0,
+                tiles_substituted=c.tiles if status != fresh else 0))
+        for agent_id, state in sorted(self.agents.items()):
+            if agent_id not in ids:  # known, but nothing young enough to use
+                newest = next(reversed(state.frames.values()), None) if state.frames else None
+                fused.contributions.append(AgentContribution(
+                    agent_id=agent_id, status=ContributionStatus.CONTRIBUTION_STATUS_MISSING,
+                    sequence=newest.sequence if newest else 0,
+                    age_ms=(fused.fusion_time_ns - newest.capture_time_ns) / 1e6 if newest else 0.0))
         fused.link_stats.extend(s.link_stats() for s in sorted(self.agents.values(), key=lambda s: s.agent_id))
         fused.stage_timings.extend([
             StageTiming(stage="decode", duration_ms=float(sum(c.decode_ms for c, _ in picked))),

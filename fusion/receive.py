@@ -16,14 +16,7 @@ import torch
 from models.codec import CodedFrame, CodedTile, FeatureCodec
 from models.detector import BevDetector
 from protos import FeatureDtype, FeatureFrame
-from transport import (
-    RAW_CODEC_ID,
-    FramingError,
-    GridSpec,
-    boxes_from_proto,
-    grid_from_proto,
-    pose_from_proto,
-)
+from transport import RAW_CODEC_ID, FramingError, GridSpec, boxes_from_proto, grid_from_proto, pose_from_proto
 
 RIGID_TOLERANCE = 1e-3
 """How far ``R^T R`` may be from the identity (rounding of the 6 pose numbers is far below this)."""
@@ -84,7 +77,7 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
         world_from_agent = pose_from_proto(frame.pose)
     except FramingError as err:
         raise FrameRefused(str(err)) from err
-    difference = grid.mismatch(their_grid)
+    difference = grid.mismatch(their_grid, tiles=frame.codec_id != RAW_CODEC_ID)
     if difference is not None:
         raise FrameRefused(f"feature grid differs from this node's: {difference}")
     check_pose(world_from_agent)

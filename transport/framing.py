@@ -56,13 +56,17 @@ class GridSpec:
     def width_cells(self) -> int:
         return round((self.x_max_m - self.x_min_m) / self.cell_size_m)
 
-    def mismatch(self, other: GridSpec, tolerance_m: float = 1e-4) -> str | None:
-        """``None`` when ``other`` is the same grid (to float32 precision), else what differs."""
+    def mismatch(self, other: GridSpec, tolerance_m: float = 1e-4, tiles: bool = True) -> str | None:
+        """``None`` when ``other`` is the same grid (to float32 precision), else what differs.
+
+        ``tiles=False`` ignores the tile size (uncoded features come as one tile).
+        """
         diffs = [f"{name} {getattr(other, name)} != {getattr(self, name)}"
                  for name in ("x_min_m", "x_max_m", "y_min_m", "y_max_m", "cell_size_m")
                  if abs(getattr(other, name) - getattr(self, name)) > tolerance_m]
         diffs += [f"{name} {getattr(other, name)} != {getattr(self, name)}"
-                  for name in ("channels", "tile_size_cells") if getattr(other, name) != getattr(self, name)]
+                  for name in ("channels", "tile_size_cells")[:2 if tiles else 1]
+                  if getattr(other, name) != getattr(self, name)]
         return "; ".join(diffs) or None
 
     def to_proto(self) -> BevGridSpec:

@@ -33,16 +33,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
-from protos import (
-    Control,
-    FeatureFrame,
-    FusedFrame,
-    FusionStub,
-    SubscribeRequest,
-    add_FusionServicer_to_server,
-)
+from protos import Control, FeatureFrame, FusedFrame, FusionStub, SubscribeRequest
 from protos.cpstream_pb2 import DESCRIPTOR as CPSTREAM_DESCRIPTOR
 
 log = logging.getLogger(__name__)
@@ -72,6 +66,36 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 FINAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedFrame:
+    """A message on an agent's stream that is not a ``FeatureFrame`` (the stream goes on)."""
+
+    size_bytes: int
+    error: str
+
+
+def _parse_feature_frame(data: bytes) -> FeatureFrame | MalformedFrame:
+    try:
+        return FeatureFrame.FromString(data)
+    except DecodeError as err:
+        return MalformedFrame(len(data), f"malformed FeatureFrame of {len(data)} bytes: {err}")
+
+
+def add_fusion_service(servicer, server: grpc.aio.Server) -> None:
+    """Register ``cp.v1.Fusion`` so that a malformed frame reaches the servicer as a
+    :class:`MalformedFrame` (to be refused and counted) instead of ending the agent's stream."""
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.Stream, request_deserializer=_parse_feature_frame,
+            response_serializer=Control.SerializeToString),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe, request_deserializer=SubscribeRequest.FromString,
+            response_serializer=FusedFrame.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(FUSION_SERVICE, handlers),))
+    server.add_registered_method_handlers(FUSION_SERVICE, handlers)
 
 
 class LinkError(RuntimeError):
@@ -140,7 +164,7 @@ async def start_fusion_server(servicer, address: str, tls: TlsFiles | None = Non
     Health reports NOT_SERVING until :meth:`FusionServer.set_serving` is called.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    add_FusionServicer_to_server(servicer, server)
+    add_fusion_service(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -217,7 +241,11 @@ class FeatureUplink:
     _slot: FeatureFrame | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
+    _generation: int = 0
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while a stream to the fusion node is open."""
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when an open stream broke (cleared again on reconnecting)."""
 
     def offer(self, frame: FeatureFrame) -> None:
         self.counters.offered += 1
@@ -235,8 +263,9 @@ class FeatureUplink:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((AGENT_KEY, str(self.agent_id)), (TOKEN_KEY, self.token))
 
-    async def _frames(self) -> AsyncIterator[FeatureFrame]:
-        while True:
+    async def _frames(self, generation: int) -> AsyncIterator[FeatureFrame]:
+        # A broken call's request iterator can outlive it inside gRPC: only the current one takes frames.
+        while generation == self._generation:
             if self._slot is None:
                 if self._closed:
                     return
@@ -253,11 +282,14 @@ class FeatureUplink:
         """Stream until :meth:`close`; reconnect after failures; raise ``LinkError`` if refused."""
         backoff = 0.1
         while not (self._closed and self._slot is None):
+            self._generation += 1
             async with open_channel(self.address, self.tls) as channel:
-                call = FusionStub(channel).Stream(self._frames(), metadata=self.metadata, wait_for_ready=True)
+                call = FusionStub(channel).Stream(self._frames(self._generation), metadata=self.metadata,
+                                                  wait_for_ready=True)
                 try:
                     await call.initial_metadata()
                     self.counters.connects += 1
+                    self.disconnected.clear()
                     self.connected.set()
                     backoff = 0.1
                     async for control in call:
@@ -270,6 +302,9 @@ class FeatureUplink:
                     raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
                                                await call.details())
                 except grpc.aio.AioRpcError as err:
+                    self._generation += 1  # the broken call's request iterator must not take the next frame
+                    if self.connected.is_set():
+                        self.disconnected.set()
                     self.connected.clear()
                     self.counters.disconnects += 1
                     self.counters.last_error = f"{err.code().name}: {err.details()}"
@@ -285,10 +320,18 @@ class FeatureUplink:
 
 
 async def subscribe(address: str, request: SubscribeRequest | None = None, tls: TlsFiles | None = None,
-                    metadata: Sequence[tuple[str, str]] = ()) -> AsyncIterator[FusedFrame]:
-    """Fused frames from the fusion node as they are published (ends when the server does)."""
+                    metadata: Sequence[tuple[str, str]] = (), subscribed: asyncio.Event | None = None
+                    ) -> AsyncIterator[FusedFrame]:
+    """Fused frames from the fusion node as they are published (ends when the server does).
+
+    ``subscribed`` is set once the server has registered the subscription: every frame
+    fused after that reaches this subscriber.
+    """
     async with open_channel(address, tls) as channel:
         call = FusionStub(channel).Subscribe(request or SubscribeRequest(), metadata=tuple(metadata),
                                              wait_for_ready=True)
+        await call.initial_metadata()
+        if subscribed is not None:
+            subscribed.set()
         async for frame in call:
             yield frame

@@ -1,0 +1,111 @@
+"""`cpstream launch`: real processes (a fusion node and agents) on loopback, the report, Ctrl-C.
+
+Each test waits on the launcher's output lines and exit, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.config_files import ConfigFileError, apply_sets, expand_env, load_config_file
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _launch_file(tmp_path: Path, frames: int, **extra) -> Path:
+    # 5 Hz: a shared 2-core CI machine runs both agents, the fusion node and the test at once.
+    doc = {"world": {"seed": 3, "agents": 2, "frames": frames}, "cache_dir": str(tmp_path / "worlds"),
+           "rate_hz": 5, "fusion": {"listen": "127.0.0.1:0", "deadline_ms": 150},
+           "agent_defaults": {"rate_level": 1}, "agents": "all", **extra}
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _cpstream(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_launch_runs_fusion_and_agents_as_processes_and_reports(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    process = _cpstream("launch", str(_launch_file(tmp_path, 12)), "--report", str(report))
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    result = json.loads(report.read_text())
+    assert result["frames"] == 12 and result["frames_fused"] >= 8
+    assert set(result["ap"]) == {"0.3", "0.5", "0.7"} and result["ap"]["0.3"] > 0.3
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    assert set(result["bytes_per_frame"]) == {"0", "-1"}
+    assert all(500 < b < 20_000 for b in result["bytes_per_frame"].values())  # coded features, not raw maps
+    for agent in ("0", "-1"):
+        counters = result["agents"][agent]
+        assert counters["frames_sensed"] >= 8
+        assert counters["fusion"]["frames_received"] == counters["uplink"]["sent"]
+        assert counters["fusion"]["frames_refused"] == 0
+    assert result["exit_codes"] == {"fusion": 0, "agent0": 0, "agent-1": 0}
+
+
+def test_ctrl_c_stops_every_child_and_still_writes_the_report(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    process = _cpstream("launch", str(_launch_file(tmp_path, 300)), "--report", str(report),
+                        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in process.stderr:  # the launcher says when the agents are streaming
+            if line.startswith("streaming:"):
+                break
+            assert time.monotonic() < deadline
+        else:
+            pytest.fail("the launcher ended before streaming")
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole process group
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    result = json.loads(report.read_text())
+    assert result["interrupted"] is True
+    assert set(result["exit_codes"]) == {"fusion", "agent0", "agent-1"}
+    assert all(code is not None for code in result["exit_codes"].values())  # every child was reaped
+    assert result["frames"] == 300 and result["frames_fused"] < 300
+
+
+def test_config_files_take_the_environment_and_overrides(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CP_TEST_TOKEN", "s3cret")
+    monkeypatch.setenv("CP_TEST_PORT", "50077")
+    path = tmp_path / "node.yaml"
+    path.write_text("fusion:\n  listen: 0.0.0.0:${CP_TEST_PORT}\n  tokens: {0: '${CP_TEST_TOKEN}'}\n"
+                    "  rate_hz: ${CP_TEST_RATE:-5}\n")
+    data = load_config_file(path, ["deadline_ms=80", "tokens.1=other"], section="fusion")
+    assert data == {"listen": "0.0.0.0:50077", "tokens": {0: "s3cret", "1": "other"}, "rate_hz": 5, "deadline_ms": 80}
+    from fusion import FusionConfig
+
+    assert FusionConfig.model_validate(data).tokens == {0: "s3cret", 1: "other"}
+    with pytest.raises(ConfigFileError, match="CP_TEST_MISSING is not set"):
+        expand_env({"token": "${CP_TEST_MISSING}"})
+    with pytest.raises(ConfigFileError, match="expected KEY=VALUE"):
+        apply_sets({}, ["novalue"])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "field-fusion.yaml", "field-agent.yaml"])
+def test_shipped_launch_files_are_valid(name: str, monkeypatch) -> None:
+    from launch.launcher import load_launch_config
+
+    monkeypatch.setenv("CPSTREAM_FUSION_ADDRESS", "10.0.0.1:50051")
+    monkeypatch.setenv("CPSTREAM_AGENT_ID", "2")
+    monkeypatch.setenv("CPSTREAM_TOKEN", "t")
+    monkeypatch.setenv("CPSTREAM_TOKENS", "{2: t}")
+    config = load_launch_config(ROOT / "launch" / name, [])
+    assert config.fusion is not None or config.agents
