@@ -36,10 +36,11 @@ test: $(STAMP) system-deps
 test-all: $(STAMP) system-deps
 	$(BIN)/python -m pytest -m ''
 
-# At this stage the demo generates the default synthetic world and prints who sees what.
+# The demo: a fusion node and three agent processes on 127.0.0.1 streaming the embedded
+# synthetic world (rendered once into out/launch-worlds/) at 10 Hz for 300 frames; a live
+# table while it runs, then the JSON report (latency, bytes per frame, AP, counters).
 demo: $(STAMP) system-deps
-	$(BIN)/cpstream world generate --out $(DEMO_DIR) --seed 0 --frames 100
-	$(BIN)/cpstream world stats $(DEMO_DIR)/synthetic_seed0 --json $(DEMO_DIR)/stats.json
+	$(BIN)/cpstream launch launch/demo.yaml --report $(DEMO_DIR)/report.json
 
 bench-world: $(STAMP) system-deps
 	$(BIN)/cpstream bench world --frames 30 --json out/bench-world.json

@@ -209,6 +209,7 @@ class AgentNode:
         self.uplink = FeatureUplink(config.fusion, config.agent_id, self.token, config.tls.files(),
                                     on_control=self._on_control)
         self._stop = asyncio.Event()
+        self._link: asyncio.Task | None = None
 
     def _on_control(self, control: Control) -> None:
         if control.HasField("target_rate_level") and self.codec is not None:
@@ -219,6 +220,30 @@ class AgentNode:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def start_link(self) -> asyncio.Task:
+        """Open the uplink now (e.g. while waiting for the start), so the first frames do not wait for it."""
+        if self._link is None:
+            self._link = asyncio.create_task(self.uplink.run())
+        return self._link
+
+    async def connect(self, timeout_s: float = 30.0) -> None:
+        """Open the uplink and wait until the fusion node has accepted the stream.
+
+        Raises:
+            LinkError: the fusion node refused this agent (wrong token, unknown agent).
+            TimeoutError: no fusion node answered within ``timeout_s``.
+        """
+        link = self.start_link()
+        connected = asyncio.ensure_future(self.uplink.connected.wait())
+        await asyncio.wait([connected, link], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if link.done():
+            connected.cancel()
+            link.result()  # raises the refusal
+        if not connected.done():
+            connected.cancel()
+            raise TimeoutError(f"agent {self.config.agent_id}: no fusion node at {self.config.fusion} "
+                               f"within {timeout_s:.0f} s")
 
     def warm_up(self) -> None:
         """Buffer a folder source (when asked) and run the first frame once untimed (torch's first pass is slow)."""
@@ -251,8 +276,10 @@ class AgentNode:
         """Play the source; returns the counters. Raises ``LinkError`` if the fusion node refuses us."""
         frames = min(self.config.frames or self.source.count, self.source.count)
         period_ns = int(1e9 / self.config.rate_hz) if self.config.rate_hz > 0 else 0
-        start_ns = self.config.start_time_ns or (time.time_ns() // 1_000_000_000 + 1) * 1_000_000_000
-        link = asyncio.create_task(self.uplink.run())
+        start_ns = self.config.start_time_ns
+        if start_ns is None:
+            start_ns = (time.time_ns() // 1_000_000_000 + 1) * 1_000_000_000
+        link = self.start_link()
         index = 0
         try:
             while index < frames and not self._stop.is_set():

@@ -149,6 +149,7 @@ class FusionNode(FusionServicer):
         self.refused_streams: dict[str, int] = {}
         self.ticks = 0
         self.last_slot = -1
+        self._forwarded: dict[tuple[int, int], None] = {}  # (agent, sequence) already sent to recorders
         self.subscribers: list[asyncio.Queue] = []
         self.subscriber_drops = 0
         self._arrival = asyncio.Event()
@@ -295,8 +296,8 @@ class FusionNode(FusionServicer):
                 if self._complete(slot):
                     break
                 await self._wait_arrival(remaining)
+            self.last_slot = slot  # from here on, a frame for this slot is late: fusing has begun
             item = await asyncio.to_thread(self.fuse_slot, slot)
-            self.last_slot = slot
             self.ticks += 1
             self._publish(item)
 
@@ -376,9 +377,11 @@ class FusionNode(FusionServicer):
             StageTiming(stage="detect", duration_ms=(detected_at - fused_at) * 1e3)])
         fused.publish_time_ns = time.time_ns()
         fused.latency_ms = (fused.publish_time_ns - fused.capture_time_ns) / 1e6
-        fresh_frames = [c.message for c, status in picked
-                        if status == ContributionStatus.CONTRIBUTION_STATUS_FRESH and c.message is not None]
-        return fused, fresh_frames
+        first_use = [c for c, _ in picked if c.message is not None and (c.agent_id, c.sequence) not in self._forwarded]
+        self._forwarded.update(((c.agent_id, c.sequence), None) for c in first_use)
+        while len(self._forwarded) > 64 * max(1, len(self.agents)):  # remember only the recent ones
+            self._forwarded.pop(next(iter(self._forwarded)))
+        return fused, [c.message for c in first_use]
 
     def _publish(self, item: tuple[FusedFrame, list[FeatureFrame]]) -> None:
         for queue in self.subscribers:

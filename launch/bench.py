@@ -109,7 +109,15 @@ def bench_codec(args: argparse.Namespace) -> dict:
     return run(args)
 
 
-BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec}
+def bench_scale(args: argparse.Namespace) -> dict:
+    """Fusion tick time and achieved rate with 2, 4, 8, 16 agents streaming into a fusion process."""
+    from launch.scale_bench import bench_scale as run
+
+    return run(args)
+
+
+BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec,
+           "scale": bench_scale}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -127,5 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG of the result (codec: AP against bytes)")
     parser.add_argument("--checkpoint", type=Path, help="detector weights (codec; default mobiledet_tiny)")
     parser.add_argument("--codec", type=Path, help="codec weights (codec; default: the one trained for the detector)")
+    parser.add_argument("--counts", default="2,4,8,16", help="scale: agent counts to run, comma-separated")
+    parser.add_argument("--seconds", type=float, default=10.0, help="scale: seconds of streaming per agent count")
+    parser.add_argument("--fusion-threads", type=int, default=2, help="scale: torch threads of the fusion node")
     add_world_options(parser)
     parser.set_defaults(func=cmd_bench)

@@ -45,6 +45,7 @@ from agents.node import AgentNodeConfig, bev_input
 from fusion.node import FusionConfig
 from launch.config_files import load_config_file
 from launch.console import console, progress, write_json
+from launch.record import Recorder
 from launch.samples import coop_sample
 from models.detector import DetectorConfig
 from models.geometry import invert_se3, transform_boxes
@@ -53,6 +54,8 @@ from protos import ContributionStatus, FusedFrame
 from transport import boxes_from_proto, pose_from_proto, subscribe, wait_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+USED = (ContributionStatus.CONTRIBUTION_STATUS_FRESH, ContributionStatus.CONTRIBUTION_STATUS_SUBSTITUTED)
+"""Contribution statuses whose evidence went into a fused frame."""
 
 
 class LaunchConfig(BaseModel):
@@ -198,7 +201,8 @@ class Child:
 def _score(progress_: Progress, fused: FusedFrame, truth: GroundTruth | None, start_slot: int) -> None:
     progress_.fused.append(fused)
     progress_.last_slot = max(progress_.last_slot, fused.sequence)
-    if fused.contributions:
+    used = any(c.status in USED for c in fused.contributions)
+    if used:
         progress_.latency_ms.append(fused.latency_ms)
     for c in fused.contributions:
         entry = progress_.per_agent.setdefault(c.agent_id, {})
@@ -208,7 +212,7 @@ def _score(progress_: Progress, fused: FusedFrame, truth: GroundTruth | None, st
     for s in fused.link_stats:
         progress_.per_agent.setdefault(s.agent_id, {})["link"] = s
     index = fused.sequence - start_slot
-    if truth is None or not 0 <= index < len(truth.boxes) or not fused.contributions:
+    if truth is None or not 0 <= index < len(truth.boxes) or not used:
         return
     gt = truth.boxes[index]
     ref_from_ego = invert_se3(pose_from_proto(fused.reference_pose)) @ truth.world_from_ego[index]
@@ -252,6 +256,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
         raise ValueError("the launch file has neither a 'fusion' nor an 'agents' section: nothing to run")
     if config.agents and config.world is None and config.agents == "all":
         raise ValueError("agents: all needs a 'world' section to know the agents")
+    if record_path is not None and config.fusion is None:  # --record
+        raise ValueError("--record needs a 'fusion' section: what is recorded is the fused session")
     folder = world_folder(config) if config.world is not None and config.source == "folder" else None
     world = config.world
     frames = config.frames or (world.frames if world is not None else None)
@@ -282,6 +288,7 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     subscriber = None
+    recorder = None  # --record
     start_slot = 0
     try:
         address = fusion_cfg.get("listen", FusionConfig().listen)
@@ -315,11 +322,17 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
         start_slot = start_ns // period_ns
         for child in agents:
             child.send(str(start_ns))
+        console.print(f"streaming: {len(agents)} agent(s) to the fusion node at {address}, "
+                      f"{frames or 'all'} frames at {config.rate_hz:g} Hz", highlight=False)
         if fusion is not None:
-            subscriber = asyncio.create_task(_collect(address, progress_, truth, start_slot))
+            if record_path is not None:  # --record: the session to MCAP (launch/record.py)
+                recorder = Recorder(record_path, folder=folder, truth=truth, start_slot=start_slot,
+                                    period_ns=period_ns, agent_ids=agent_ids, fusion=fusion_cfg)
+            subscriber = asyncio.create_task(_collect(address, progress_, truth, start_slot, recorder))
         with Live(_table(progress_, started, agent_ids), console=console, refresh_per_second=2,
                   transient=not console.is_terminal) as live:
-            waiting = [asyncio.ensure_future(c.process.wait()) for c in agents]
+            # Run until the agents are done; with no agents (a fusion-only launch) until Ctrl-C or the node exits.
+            waiting = [asyncio.ensure_future(c.process.wait()) for c in (agents or children)]
             stopper = asyncio.ensure_future(stop.wait())
             while not stop.is_set() and not all(w.done() for w in waiting):
                 await asyncio.wait([*waiting, stopper], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
@@ -335,6 +348,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
         if subscriber is not None:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
+        if recorder is not None:  # --record: drain the queue and finish the file (also after Ctrl-C)
+            report["record"] = await asyncio.to_thread(recorder.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         report.update(_report(config, children, progress_, truth, frames, agent_ids))
@@ -354,8 +369,11 @@ async def _ready_or_stop(child: Child, stop: asyncio.Event) -> dict:
     return ready.result()
 
 
-async def _collect(address: str, progress_: Progress, truth: GroundTruth | None, start_slot: int) -> None:
-    async for fused in subscribe(address):
+async def _collect(address: str, progress_: Progress, truth: GroundTruth | None, start_slot: int,
+                   recorder: Recorder | None = None) -> None:
+    async for fused in subscribe(address, recorder.request if recorder is not None else None):
+        if recorder is not None:  # --record
+            recorder.add(fused)
         _score(progress_, fused, truth, start_slot)
         progress_.updated.set()
 
@@ -389,7 +407,7 @@ def _report(config: LaunchConfig, children: list[Child], progress_: Progress, tr
         "latency_ms": _percentiles(progress_.latency_ms),
         "bytes_per_frame": {str(a): agents[str(a)].get("bytes_per_frame") for a in agent_ids},
         "ap": {k: (None if np.isnan(v) else round(v, 4)) for k, v in ap.items()},
-        "frames_fused": len([f for f in progress_.fused if f.contributions]),
+        "frames_fused": len([f for f in progress_.fused if any(c.status in USED for c in f.contributions)]),
         "frames_scored": progress_.scored,
         "frames": frames,
         "rate_hz": config.rate_hz,

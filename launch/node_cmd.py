@@ -52,11 +52,17 @@ async def run_agent(config: AgentNodeConfig, report: Path | None, handshake: boo
     if handshake:
         node = load_agent_node(config, REPO_ROOT)
         node.warm_up()
+        await node.connect()  # ready means streaming can begin: the fusion node has accepted us
         _announce({"event": "ready", "role": "agent", "agent_id": config.agent_id})
         line = await asyncio.to_thread(sys.stdin.readline)
         if not line.strip():
             return 0  # the launcher went away before starting us
-        node.config = config = config.model_copy(update={"start_time_ns": int(line)})
+        try:
+            start_ns = int(line)
+        except ValueError:
+            raise ValueError(f"agent {config.agent_id}: expected the start time in nanoseconds on stdin, "
+                             f"got {line.strip()[:40]!r}") from None
+        node.config = config = config.model_copy(update={"start_time_ns": start_ns})
     else:
         node = load_agent_node(config, REPO_ROOT)
     _on_signals(asyncio.get_running_loop(), node.stop)
