@@ -75,6 +75,9 @@ class LaunchConfig(BaseModel):
     agents: list[dict] | Literal["all"] | None = None
     score: bool = True
     """Score fused frames against the world's ground truth (needs ``world``)."""
+    agent_niceness: int = Field(0, ge=0, le=19)
+    """Run agent processes this much nicer than the fusion node (on one machine, the fusion of a
+    slot then never waits behind the agents' work on the next one)."""
     deadline_grace_s: float = Field(3.0, ge=0.0)
     """After the agents finish, how long to wait for the last slots to be fused."""
 
@@ -153,13 +156,14 @@ class Child:
         self.name, self.process, self.report = name, process, report
 
     @classmethod
-    async def spawn(cls, name: str, role: str, config: dict, run_dir: Path) -> Child:
+    async def spawn(cls, name: str, role: str, config: dict, run_dir: Path, niceness: int = 0) -> Child:
         config_path, report = run_dir / f"{name}.json", run_dir / f"{name}-report.json"
         config_path.write_text(json.dumps(config, default=str))
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "launch.cli", role, "--config", str(config_path), "--report", str(report),
             "--handshake", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
         return cls(name, process, report)
 
     async def ready(self, timeout_s: float = 120.0) -> dict:
@@ -312,7 +316,7 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
                 agent_cfg["source"] = ({"kind": "folder", "folder": str(folder)} if folder is not None
                                        else {"kind": "world", "world": world.model_dump(mode="json")})
             AgentNodeConfig.model_validate(agent_cfg)  # fail here, naming the field, not in a child
-            child = await Child.spawn(f"agent{agent_id}", "agent", agent_cfg, run_dir)
+            child = await Child.spawn(f"agent{agent_id}", "agent", agent_cfg, run_dir, config.agent_niceness)
             children.append(child)
             agents.append(child)
         for child in agents:
@@ -355,6 +359,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
         report.update(_report(config, children, progress_, truth, frames, agent_ids))
         report["wall_s"] = round(time.monotonic() - started, 1)
         write_json(report_path, report)
+        if report_path is not None:
+            _write_timeline(report_path.with_suffix(".frames.jsonl"), progress_.fused)
     return report
 
 
@@ -388,6 +394,17 @@ async def _last_slot(progress_: Progress, slot: int, grace_s: float, stop: async
         progress_.updated.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(progress_.updated.wait(), timeout=remaining)
+
+
+def _write_timeline(path: Path, fused: list[FusedFrame]) -> None:
+    """One line per fused frame beside the report: slot, latency, stage times, each agent's status and age."""
+    with path.open("w") as out:
+        for f in fused:
+            out.write(json.dumps({
+                "slot": f.sequence, "latency_ms": round(f.latency_ms, 2), "boxes": len(f.boxes),
+                "stages_ms": {s.stage: round(s.duration_ms, 2) for s in f.stage_timings},
+                "agents": {str(c.agent_id): [ContributionStatus.Name(c.status).removeprefix("CONTRIBUTION_STATUS_"),
+                                             round(c.age_ms, 1)] for c in f.contributions}}) + "\n")
 
 
 def _report(config: LaunchConfig, children: list[Child], progress_: Progress, truth: GroundTruth | None,
