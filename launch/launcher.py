@@ -64,6 +64,9 @@ class LaunchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     world: WorldConfig | None = None
+    data: Path | None = None
+    """Instead of ``world``: an OPV2V-layout scenario folder (a recorded drive, or one ``cpstream world
+    generate`` wrote), played by one agent per agent folder at ``rate_hz`` and scored against its labels."""
     source: Literal["folder", "world"] = "folder"
     cache_dir: Path = Path("out/launch-worlds")
     """Where rendered worlds are kept between runs (relative to the repository root)."""
@@ -128,7 +131,8 @@ def world_folder(config: LaunchConfig) -> Path:
     return folder
 
 
-def ground_truth(folder: Path | None, world: WorldConfig, frames: int, detector: DetectorConfig) -> GroundTruth:
+def ground_truth(folder: Path | None, world: WorldConfig | None, frames: int,
+                 detector: DetectorConfig) -> GroundTruth:
     """What a fused frame is scored against: as ``cpstream eval`` places it, frame by frame."""
     grid, lattice = detector.grid.build(), detector.feature_cell_m
     source = Scenario(folder, load_images=False) if folder is not None else SyntheticWorld(world)
@@ -258,21 +262,29 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     """Run everything the file describes; returns (and writes) the report."""
     if config.fusion is None and not config.agents:
         raise ValueError("the launch file has neither a 'fusion' nor an 'agents' section: nothing to run")
-    if config.agents and config.world is None and config.agents == "all":
-        raise ValueError("agents: all needs a 'world' section to know the agents")
+    if config.world is not None and config.data is not None:
+        raise ValueError("a launch file plays either a 'world' or 'data' (a scenario folder), not both")
+    if config.agents and config.world is None and config.data is None and config.agents == "all":
+        raise ValueError("agents: all needs a 'world' or 'data' section to know the agents")
     if record_path is not None and config.fusion is None:  # --record
         raise ValueError("--record needs a 'fusion' section: what is recorded is the fused session")
     folder = world_folder(config) if config.world is not None and config.source == "folder" else None
     world = config.world
-    frames = config.frames or (world.frames if world is not None else None)
+    scenario = None
+    if config.data is not None:
+        folder = _resolve(config.data)
+        scenario = Scenario(folder, load_images=False)  # names what is wrong with the folder
+    frames = config.frames or (world.frames if world is not None else len(scenario) if scenario else None)
     if world is not None and frames > world.frames:
         raise ValueError(f"frames={frames} but the world has {world.frames} (set world.frames too)")
-    agent_ids = (list(SyntheticWorld(world).agent_ids) if config.agents == "all"
-                 else [int(a["agent_id"]) for a in (config.agents or [])])
+    if config.agents != "all":
+        agent_ids = [int(a["agent_id"]) for a in (config.agents or [])]
+    else:
+        agent_ids = list(scenario.agent_ids) if scenario is not None else list(SyntheticWorld(world).agent_ids)
     if folder is not None:
         frames = min(frames, len(Scenario(folder, load_images=False)))
     truth = None
-    if config.score and world is not None and config.fusion is not None and frames:
+    if config.score and (world is not None or scenario is not None) and config.fusion is not None and frames:
         truth = ground_truth(folder, world, frames, _detector_config(config.agent_defaults, config.fusion))
 
     fusion_cfg = dict(config.fusion or {})
@@ -312,7 +324,7 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
                 agent_cfg["token"] = tokens.get(agent_id, "")
             if frames is not None:
                 agent_cfg["frames"] = frames
-            if world is not None and "source" not in entry:
+            if (world is not None or scenario is not None) and "source" not in entry:
                 agent_cfg["source"] = ({"kind": "folder", "folder": str(folder)} if folder is not None
                                        else {"kind": "world", "world": world.model_dump(mode="json")})
             AgentNodeConfig.model_validate(agent_cfg)  # fail here, naming the field, not in a child

@@ -294,7 +294,28 @@ def run_replay(path: Path, override: Path | None = None, realtime: bool = True) 
     return result
 
 
+def replay_folder(args: argparse.Namespace) -> int:
+    """An OPV2V-layout scenario folder through the live pipeline: the demo's fusion node and agent
+    settings, one agent process per agent folder at the recorded rate, scored against the labels."""
+    from launch.launcher import load_launch_config, run_launch
+
+    if args.as_fast_as_possible:
+        raise ValueError("a scenario folder is played at its recorded rate (--as-fast-as-possible is for MCAP)")
+    demo = load_launch_config(Path(__file__).resolve().parent / "demo.yaml", [])
+    config = demo.model_copy(update={"world": None, "data": args.file.resolve(), "frames": None})
+    if args.fusion_config is not None:
+        from launch.config_files import load_config_file
+
+        config = config.model_copy(update={"fusion": {**config.fusion, **load_config_file(
+            args.fusion_config, section="fusion")}})
+    report = asyncio.run(run_launch(config, args.report))
+    console.print_json(json.dumps({k: report.get(k) for k in ("ap", "frames_fused", "frames_scored", "latency_ms")}))
+    return 130 if report["interrupted"] else 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    if args.file.is_dir():
+        return replay_folder(args)
     result = run_replay(args.file, args.fusion_config, realtime=not args.as_fast_as_possible)
     write_json(args.report, result)
     console.print_json(json.dumps({k: result[k] for k in ("ap", "frames_fused", "frames_scored", "latency_ms",
@@ -303,8 +324,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("replay", help="play a recorded session (MCAP) into a fusion node and score it again")
-    parser.add_argument("file", type=Path, help="a recording made by: cpstream launch FILE --record OUT.mcap")
+    parser = sub.add_parser("replay", help="play a recorded session (MCAP) or an OPV2V scenario folder through "
+                                           "a fusion node and score it")
+    parser.add_argument("file", type=Path, help="a recording made by: cpstream launch FILE --record OUT.mcap; or "
+                                                "an OPV2V-layout scenario folder (played by agent processes)")
     parser.add_argument("--fusion-config", type=Path, metavar="YAML",
                         help="fusion settings over the recorded ones (a fusion config or a launch file), "
                              "e.g. another detector or deadline_ms")

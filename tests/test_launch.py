@@ -109,3 +109,26 @@ def test_shipped_launch_files_are_valid(name: str, monkeypatch) -> None:
     monkeypatch.setenv("CPSTREAM_TOKENS", "{2: t}")
     config = load_launch_config(ROOT / "launch" / name, [])
     assert config.fusion is not None or config.agents
+
+
+def test_replaying_a_scenario_folder_scores_what_eval_scores(tmp_path: Path) -> None:
+    """A recorded drive in the OPV2V layout through agent processes and a fusion node, at its
+    recorded rate: the fused AP equals `cpstream eval` of the same folder through the same codec."""
+    world = subprocess.run([sys.executable, "-m", "launch.cli", "world", "generate", "--out", str(tmp_path),
+                            "--seed", "4", "--agents", "2", "--frames", "10", "--cameras", "0"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert world.returncode == 0, world.stderr[-2000:]
+    folder = tmp_path / "synthetic_seed4"
+    report, evaluated = tmp_path / "replay.json", tmp_path / "eval.json"
+    patient = tmp_path / "fusion.yaml"  # a busy CI machine must not turn a slow frame into a stale one
+    patient.write_text("fusion: {deadline_ms: 5000}\n")
+    replay = _cpstream("replay", str(folder), "--report", str(report), "--fusion-config", str(patient))
+    _, err = replay.communicate(timeout=240)
+    assert replay.returncode == 0, err[-3000:]
+    run = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--data", str(folder), "--fusion",
+                          "intermediate", "--rate-level", "0", "--json", str(evaluated)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    streamed, offline = json.loads(report.read_text()), json.loads(evaluated.read_text())
+    assert streamed["frames_scored"] == offline["frames"] == 10
+    assert streamed["ap"] == offline["ap"]
