@@ -163,11 +163,13 @@ class Child:
     async def spawn(cls, name: str, role: str, config: dict, run_dir: Path, niceness: int = 0) -> Child:
         config_path, report = run_dir / f"{name}.json", run_dir / f"{name}-report.json"
         config_path.write_text(json.dumps(config, default=str))
+        # `nice` rather than a preexec hook: without one, the child is started without fork() and
+        # gRPC's fork handlers (and their warnings) stay out of it.
+        nice = ["nice", "-n", str(niceness)] if niceness else []
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "launch.cli", role, "--config", str(config_path), "--report", str(report),
+            *nice, sys.executable, "-m", "launch.cli", role, "--config", str(config_path), "--report", str(report),
             "--handshake", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-            preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         return cls(name, process, report)
 
     async def ready(self, timeout_s: float = 120.0) -> dict:
