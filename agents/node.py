@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.frames import AgentFrame
 from agents.opv2v import DatasetError, Scenario, read_agent_frame
@@ -77,12 +77,6 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value):
-        """``${VAR:-}`` in a launch file gives an empty string: that means not set."""
-        return None if value == "" else value
-
     kind: Literal["world", "folder"] = "world"
     world: WorldConfig = WorldConfig(camera={"count": 0})
     """The synthetic world (``kind: world``), rendered live for this agent only."""
@@ -101,12 +95,6 @@ class SourceConfig(BaseModel):
 
 class ClientTlsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value):
-        """``${VAR:-}`` in a launch file gives an empty string: that means not set."""
-        return None if value == "" else value
 
     ca: Path | None = None
     """CA that signed the fusion node's certificate; set it to use TLS."""

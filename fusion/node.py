@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from fusion.receive import Contribution, FrameRefused, decode_frame, expected_grid
 from models.codec import FeatureCodec
@@ -43,12 +43,6 @@ class TlsConfig(BaseModel):
     """PEM paths; all unset means plain TCP (fine on a private network or loopback)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value):
-        """``${VAR:-}`` in a launch file gives an empty string: that means not set."""
-        return None if value == "" else value
 
     cert: Path | None = None
     key: Path | None = None
@@ -159,29 +153,29 @@ class FusionNode(FusionServicer):
 
     # ---- service --------------------------------------------------------------------------
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[int | None, str | None]:
-        """(agent id, None) when the call's credentials are good, else (None, reason)."""
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[int | None, tuple[str, str] | None]:
+        """(agent id, None) when the call's credentials are good, else (None, (counter key, message))."""
         metadata = dict(context.invocation_metadata() or ())
         raw_id, token = metadata.get(AGENT_KEY), metadata.get(TOKEN_KEY, "")
         try:
             agent_id = int(raw_id)
         except (TypeError, ValueError):
-            return None, f"missing or malformed {AGENT_KEY} metadata ({raw_id!r})"
+            return None, ("no agent id", f"missing or malformed {AGENT_KEY} metadata ({raw_id!r})")
         if self.config.allow_any_agent:
             return agent_id, None
         if agent_id not in self.config.tokens:
-            return None, f"unknown agent {agent_id}"
+            return None, ("unknown agent", f"unknown agent {agent_id}")
         if token != self.config.tokens[agent_id]:
-            return None, f"wrong token for agent {agent_id}"
+            return None, ("wrong token", f"wrong token for agent {agent_id}")
         return agent_id, None
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):
         agent_id, problem = self._authenticate(context)
         if problem is not None:
-            key = problem.split(" agent")[0] if "agent" in problem else problem
+            key, message = problem
             self.refused_streams[key] = self.refused_streams.get(key, 0) + 1
-            log.warning("refused a stream: %s", problem)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            log.warning("refused a stream: %s", message)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         state = self.agents.setdefault(agent_id, AgentState(agent_id))
         state.streams += 1
         self.connected[agent_id] = self.connected.get(agent_id, 0) + 1
@@ -330,7 +324,6 @@ class FusionNode(FusionServicer):
         torch.set_num_threads(self.config.threads)
         start = time.perf_counter()
         picked = self._pick(slot)
-        slot_ns = slot * self.period_ns
         fused = FusedFrame(sequence=slot, fusion_time_ns=time.time_ns())
         if not picked:
             fused.publish_time_ns = time.time_ns()

@@ -27,15 +27,14 @@ import numpy as np
 import torch
 import zstandard
 
+from fusion.receive import expected_grid as grid_spec
 from launch.console import console, progress
 from models.codec import CodedFrame, CodedTile, FeatureCodec, select_tiles
 from models.cooperative import CoopSample, merge_late
 from models.detector import BevDetector
 from models.metrics import APAccumulator
 from protos import FeatureFrame
-from transport.framing import GridSpec, boxes_to_proto, feature_frame
-
-RAW_CODEC_ID = "raw"
+from transport.framing import RAW_CODEC_ID, GridSpec, boxes_to_proto, feature_frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +85,6 @@ def prepare(detector: BevDetector, samples: list[tuple[str, int, CoopSample]]) -
             prepared.append(Prepared(scenario, index, sample, agents))
             bar.advance(task)
     return prepared
-
-
-def grid_spec(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
-    g = detector.grid
-    tile = codec.config.tile_cells * codec.config.latent_stride if codec is not None else 0
-    return GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, detector.feature_cell_m,
-                    detector.backbone.out_channels, tile)
 
 
 def _wire(sample: CoopSample, k: int, frame_no: int, grid: GridSpec, codec_id: str, level: int,

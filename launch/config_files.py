@@ -2,7 +2,8 @@
 
 - ``${NAME}`` anywhere in a string value is replaced by the environment variable
   ``NAME``; ``${NAME:-default}`` falls back to ``default``. An unset variable with no
-  default is an error naming it (credentials never silently become empty).
+  default is an error naming it (credentials never silently become empty). A value that is just
+  one variable is read as YAML, so ``${PORT}`` can be a number and an empty ``${CA:-}`` means unset.
 - ``--set a.b=value`` sets a nested key; the value is read as YAML (``3``, ``true``,
   ``[1, 2]``, ``{x: 1}``), so numbers and lists keep their types.
 """
@@ -41,8 +42,8 @@ def expand_env(value: Any, where: str = "") -> Any:
         raise ConfigFileError(f"{where}: environment variable {name} is not set")
 
     expanded = _VAR.sub(replace, value)
-    if expanded != value and _VAR.fullmatch(value):  # a whole-value variable keeps YAML typing ("3" -> 3)
-        return yaml.safe_load(expanded) if expanded else expanded
+    if _VAR.fullmatch(value):  # a whole-value variable keeps YAML typing ("3" -> 3; empty -> null, i.e. unset)
+        return yaml.safe_load(expanded)
     return expanded
 
 

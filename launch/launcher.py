@@ -253,7 +253,8 @@ def _table(progress_: Progress, started: float, agents: list[int]) -> Table:
     return table
 
 
-def _percentiles(values: list[float]) -> dict:
+def percentiles(values: list[float]) -> dict:
+    """p50, p99 and mean, rounded (``None`` for no values)."""
     if not values:
         return {"p50": None, "p99": None, "mean": None}
     return {"p50": round(float(np.percentile(values, 50)), 2), "p99": round(float(np.percentile(values, 99)), 2),
@@ -435,14 +436,14 @@ def _report(config: LaunchConfig, children: list[Child], progress_: Progress, tr
         for stage in fused.stage_timings:
             stages.setdefault(stage.stage, []).append(stage.duration_ms)
     return {
-        "latency_ms": _percentiles(progress_.latency_ms),
+        "latency_ms": percentiles(progress_.latency_ms),
         "bytes_per_frame": {str(a): agents[str(a)].get("bytes_per_frame") for a in agent_ids},
         "ap": {k: (None if np.isnan(v) else round(v, 4)) for k, v in ap.items()},
         "frames_fused": len([f for f in progress_.fused if any(c.status in USED for c in f.contributions)]),
         "frames_scored": progress_.scored,
         "frames": frames,
         "rate_hz": config.rate_hz,
-        "stage_ms": {k: _percentiles(v) for k, v in stages.items()},
+        "stage_ms": {k: percentiles(v) for k, v in stages.items()},
         "fusion": {k: v for k, v in fusion_report.items() if k != "agents"},
         "agents": agents,
         "exit_codes": {c.name: c.process.returncode for c in children},

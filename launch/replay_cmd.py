@@ -40,7 +40,7 @@ from mcap.reader import make_reader
 from fusion.node import FusionConfig, load_fusion_node
 from launch.config_files import load_config_file
 from launch.console import console, progress, write_json
-from launch.launcher import GroundTruth, Progress, _last_slot, _percentiles, _score
+from launch.launcher import GroundTruth, Progress, _last_slot, percentiles, _score
 from launch.record import FEATURES_TOPIC, FUSED_TOPIC, GROUND_TRUTH_TOPIC, SESSION_TOPIC
 from protos import ContributionStatus, FeatureFrame, FusedFrame
 from transport import FeatureUplink, subscribe
@@ -269,7 +269,7 @@ async def replay(recording: Recording, config: FusionConfig, realtime: bool = Tr
         "ap": _ap(progress_),
         "frames_fused": _fused_count(progress_.fused),
         "frames_scored": progress_.scored,
-        "latency_ms": _percentiles(progress_.latency_ms if realtime else []),  # capture times are virtual in AFAP
+        "latency_ms": percentiles(progress_.latency_ms if realtime else []),  # capture times are virtual in AFAP
         "mode": "realtime" if realtime else "as-fast-as-possible",
         "frames_offered": offered,
         "frames_dropped_stale": {str(a): u.counters.dropped_stale for a, u in uplinks.items()},

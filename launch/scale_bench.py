@@ -33,6 +33,7 @@ import torch
 from agents import AgentNode, AgentNodeConfig, FrameSource, SourceConfig, SyntheticWorld
 from launch.console import console, progress
 from launch.datasets import HELD_OUT_SEED
+from launch.launcher import percentiles
 from launch.world_cmd import world_config
 from models.codec_train import load_codec
 from models.detector import load_checkpoint
@@ -126,16 +127,10 @@ async def run_one(frames: dict[int, list[FeatureFrame]], agents: int, seconds: f
     complete = [f for f in used if sum(c.status == 1 for c in f.contributions) == agents]
     span_s = (used[-1].publish_time_ns - used[0].publish_time_ns) / 1e9 if len(used) > 1 else float("nan")
     return {"agents": agents, "slots": slots, "frames_fused": len(used), "frames_complete": len(complete),
-            "tick_ms": _pct(tick), "latency_ms": _pct([f.latency_ms for f in used]),
+            "tick_ms": percentiles(tick), "latency_ms": percentiles([f.latency_ms for f in used]),
             "rate_hz": round((len(used) - 1) / span_s, 2) if len(used) > 1 else 0.0,
             "per_agent_ms": round(float(np.median(tick)) / agents, 2) if tick else None,
             "decode_ms_per_agent": round(float(np.median(decode)) / agents, 2) if decode else None}
-
-
-def _pct(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {"p50": round(float(np.percentile(values, 50)), 2), "p99": round(float(np.percentile(values, 99)), 2)}
 
 
 def bench_scale(args: argparse.Namespace) -> dict:

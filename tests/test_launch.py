@@ -87,9 +87,10 @@ def test_config_files_take_the_environment_and_overrides(tmp_path: Path, monkeyp
     monkeypatch.setenv("CP_TEST_PORT", "50077")
     path = tmp_path / "node.yaml"
     path.write_text("fusion:\n  listen: 0.0.0.0:${CP_TEST_PORT}\n  tokens: {0: '${CP_TEST_TOKEN}'}\n"
-                    "  rate_hz: ${CP_TEST_RATE:-5}\n")
+                    "  rate_hz: ${CP_TEST_RATE:-5}\n  tls: {client_ca: '${CP_TEST_CA:-}'}\n")
     data = load_config_file(path, ["deadline_ms=80", "tokens.1=other"], section="fusion")
-    assert data == {"listen": "0.0.0.0:50077", "tokens": {0: "s3cret", "1": "other"}, "rate_hz": 5, "deadline_ms": 80}
+    assert data == {"listen": "0.0.0.0:50077", "tokens": {0: "s3cret", "1": "other"}, "rate_hz": 5,
+                    "tls": {"client_ca": None}, "deadline_ms": 80}  # an empty ${VAR:-} is unset, not ""
     from fusion import FusionConfig
 
     assert FusionConfig.model_validate(data).tokens == {0: "s3cret", 1: "other"}

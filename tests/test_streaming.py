@@ -61,12 +61,12 @@ async def _until(node: FusionNode, condition, timeout_s: float = 20.0) -> None:
 
 
 def _raw_frame(agent_id: int, sequence: int, grid, *, capture_ns: int | None = None, value: float = 0.0,
-               dtype=np.float16, world_from_agent=None) -> FeatureFrame:
+               dtype=np.float16) -> FeatureFrame:
     array = np.full((grid.channels, grid.height_cells, grid.width_cells), value, dtype)
     payload = array.tobytes()
     return feature_frame(
         agent_id=agent_id, sequence=sequence, capture_time_ns=capture_ns or time.time_ns(),
-        world_from_agent=np.eye(4) if world_from_agent is None else world_from_agent, grid=grid, codec_id="raw",
+        world_from_agent=np.eye(4), grid=grid, codec_id="raw",
         rate_level=0, tiles=[CodedTile(0, payload, zlib.crc32(payload))], tile_count=1,
         feature_dtype=FeatureDtype.FEATURE_DTYPE_FLOAT16 if dtype == np.float16 else FeatureDtype.FEATURE_DTYPE_FLOAT32)
 
@@ -133,7 +133,7 @@ async def test_wrong_or_unknown_credentials_are_refused_named_and_counted(models
         await asyncio.wait_for(task, timeout=10)
     finally:
         await node.stop()
-    assert node.refused_streams == {"wrong token for": 1, "unknown": 1}
+    assert node.refused_streams == {"wrong token": 1, "unknown agent": 1}
     assert 0 not in node.agents and 7 not in node.agents
 
 
