@@ -31,7 +31,7 @@ from agents.world import SyntheticWorld, WorldConfig
 from models.bev import aligned_bev_frame
 from models.codec import CodedTile, FeatureCodec
 from models.codec_train import load_codec
-from models.detector import BevDetector, load_checkpoint
+from models.detector import BevDetector, Precision, load_checkpoint
 from models.geometry import transform_points
 from protos import Control, FeatureDtype, FeatureFrame
 from transport import RAW_CODEC_ID, FeatureUplink, GridSpec, LinkError, TlsFiles, feature_frame
@@ -132,6 +132,9 @@ class AgentNodeConfig(BaseModel):
     score_threshold: float = Field(0.1, ge=0.0, le=1.0)
     threads: int = Field(1, ge=1)
     """torch CPU threads."""
+    precision: Precision = "auto"
+    """Arithmetic of the backbone and head: ``auto`` is bfloat16 where the hardware has it natively
+    (the same AP to a tenth of a point on the held-out world, about a third less head time), else float32."""
 
 
 class FrameSource:
@@ -184,6 +187,7 @@ class AgentNode:
         self.config = config
         self.detector = detector.eval()
         self.codec = codec.eval() if codec is not None else None
+        self.precision = self.detector.set_precision(config.precision)
         self.device = next(detector.parameters()).device
         self.source = source
         g = detector.grid
@@ -246,7 +250,7 @@ class AgentNode:
         agent = self.source.frame(index)
         world_from_bev, _, points = bev_input(agent, self.detector.feature_cell_m)
         features = self.detector.features([torch.from_numpy(points).to(self.device)])
-        out = self.detector(features)
+        out = self.detector.infer(features)
         detections = self.detector.decode(out, score_threshold=self.config.score_threshold)[0].cpu().numpy()
         common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
                   "world_from_agent": world_from_bev, "grid": self.grid, "detections": detections[:, :9]}
@@ -306,8 +310,8 @@ class AgentNode:
     def report(self) -> dict:
         c, u = self.counters, self.uplink.counters
         return {"agent_id": self.config.agent_id, "frames_sensed": c.frames_sensed, "frames_skipped": c.frames_skipped,
-                "compute_ms": _percentiles(c.compute_ms), "bytes_per_frame": float(np.mean(c.wire_bytes))
-                if c.wire_bytes else 0.0, "rate_level": c.rate_level,
+                "precision": self.precision, "compute_ms": _percentiles(c.compute_ms),
+                "bytes_per_frame": float(np.mean(c.wire_bytes)) if c.wire_bytes else 0.0, "rate_level": c.rate_level,
                 "uplink": {"offered": u.offered, "sent": u.sent, "dropped_stale": u.dropped_stale,
                            "bytes_sent": u.bytes_sent, "connects": u.connects, "disconnects": u.disconnects,
                            "last_error": u.last_error}}

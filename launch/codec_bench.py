@@ -77,7 +77,7 @@ def prepare(detector: BevDetector, samples: list[tuple[str, int, CoopSample]]) -
         task = bar.add_task("agents' features and boxes", total=len(samples))
         for scenario, index, sample in samples:
             features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
-            out = detector(features)
+            out = detector.infer(features)
             dets = detector.decode(out)
             relevance = detector.relevance(out)
             agents = [AgentView(features[k:k + 1], relevance[k], dets[k].cpu().numpy().astype(np.float64))

@@ -99,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_checkpoint(args.checkpoint, map_location=device)
     detector.to(device).eval()
+    precision = detector.set_precision(args.precision)
     codec = None
     if args.rate_level is not None:
         from launch.codec_cmd import load_codec_for
@@ -108,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--rate-level {args.rate_level}: the codec has levels 0..{codec.config.rate_levels - 1}")
     samples = held_out_samples(args, detector.grid, detector.feature_cell_m)
     result = {"checkpoint": str(args.checkpoint), "backbone": detector.config.backbone,
-              "data": str(args.data) if args.data else f"synthetic seed {args.seed}"}
+              "data": str(args.data) if args.data else f"synthetic seed {args.seed}", "precision": precision}
     if codec is None:
         result.update(evaluate(detector, samples, args.fusion, args.dump))
     else:
@@ -134,5 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rate-level", type=int,
                         help="send the features through the codec at this level (intermediate fusion)")
     parser.add_argument("--codec", type=Path, help="codec weights (default: the one trained for the detector)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="arithmetic of the backbone and head (auto: bfloat16 where the hardware has it)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_eval)

@@ -7,6 +7,7 @@ and merges them with :meth:`BevDetector.fuse` and runs :meth:`BevDetector.detect
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -17,9 +18,26 @@ from torch import nn
 
 from models.backbones import build_bev_backbone, list_backbones
 from models.bev import BevGrid, BevGridConfig
-from models.head import CenterHead, HeadOutput, decode
+from models.head import CenterHead, HeadOutput, PeakHeadOutput, decode
 from models.pillars import PillarEncoder
 from models.warp import AttentionMerge, max_merge, warp_to_ego
+
+
+Precision = Literal["float32", "bfloat16", "auto"]
+"""Arithmetic of inference: ``auto`` is ``bfloat16`` where the hardware computes it natively (CPUs with
+AVX-512 BF16 or AMX, CUDA GPUs that support it), else ``float32``."""
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` has native bfloat16 arithmetic (otherwise emulating it is slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 class CheckpointError(Exception):
@@ -78,6 +96,26 @@ class BevDetector(nn.Module):
         self.refine = refine
         self.head = head
         self.merge = merge
+        self.compute_dtype: torch.dtype | None = None  # see set_precision
+
+    def set_precision(self, precision: Precision) -> str:
+        """Run the backbone, refinement and head in ``precision`` at inference (training stays float32).
+
+        Features and head outputs are handed on as float32 either way, so codecs, merges and
+        decoding see the same types. Returns the precision chosen (``auto`` resolved).
+        """
+        device = next(self.parameters()).device
+        if precision == "auto":
+            precision = "bfloat16" if native_bfloat16(device) else "float32"
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"unknown precision {precision!r}; expected float32, bfloat16 or auto")
+        self.compute_dtype = torch.bfloat16 if precision == "bfloat16" else None
+        return precision
+
+    def _autocast(self):
+        if self.compute_dtype is None or self.training:
+            return nullcontext()
+        return torch.autocast(next(self.parameters()).device.type, dtype=self.compute_dtype)
 
     @property
     def feature_cell_m(self) -> float:
@@ -90,8 +128,10 @@ class BevDetector(nn.Module):
         return int(self.backbone.reduction)
 
     def features(self, points: list[torch.Tensor]) -> torch.Tensor:
-        """Per-sample point clouds (ground frame) -> BEV features ``[B, C, H/s, W/s]``."""
-        return self.backbone(self.encoder(points))
+        """Per-sample point clouds (ground frame) -> BEV features ``[B, C, H/s, W/s]`` (float32)."""
+        image = self.encoder(points)
+        with self._autocast():
+            return self.backbone(image).float()
 
     def fuse(self, features: torch.Tensor, ego_from_agent: torch.Tensor,
              valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,22 +148,29 @@ class BevDetector(nn.Module):
         return self.merge(warped, coverage)
 
     def forward(self, features: torch.Tensor) -> HeadOutput:
-        """Shared (or merged) features ``[B, C, h, w]`` -> head outputs."""
+        """Shared (or merged) features ``[B, C, h, w]`` -> dense head outputs (what the loss compares)."""
         return self.head(self.refine(features))
+
+    def infer(self, features: torch.Tensor) -> PeakHeadOutput:
+        """Features -> head outputs for decoding: the same numbers as :meth:`forward`, but the box
+        regressions are computed only at the cells the decoder picks (a third of the head's cost)."""
+        with self._autocast():
+            out = self.head.infer(self.refine(features))
+        return PeakHeadOutput(heatmap=out.heatmap.float(), shared=out.shared.float(), head=self.head)
 
     def detect(self, features: torch.Tensor, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
         """Features -> per-sample boxes ``[K, 9]`` (x, y, z, l, w, h, yaw, score, label)."""
-        return self.decode(self(features), score_threshold=score_threshold, max_detections=max_detections)
+        return self.decode(self.infer(features), score_threshold=score_threshold, max_detections=max_detections)
 
-    def decode(self, out: HeadOutput, *, score_threshold: float = 0.1,
+    def decode(self, out: HeadOutput | PeakHeadOutput, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
         """Head outputs -> per-sample boxes ``[K, 9]`` (see :func:`models.head.decode`)."""
         return decode(out, self.grid, self.stride, score_threshold=score_threshold,
                       max_detections=max_detections, nms_iou_threshold=self.config.nms_iou_threshold)
 
     @staticmethod
-    def relevance(out: HeadOutput) -> torch.Tensor:
+    def relevance(out: HeadOutput | PeakHeadOutput) -> torch.Tensor:
         """``[B, h, w]`` in [0, 1]: the head's confidence that some object is centred in each cell."""
         return torch.sigmoid(out.heatmap).amax(dim=1)
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from models.bev import BevGrid
 from models.boxes import bev_iou_matrix
 
-__all__ = ["CenterHead", "HeadOutput", "HeadTargets", "build_targets", "compute_loss", "decode",
+__all__ = ["CenterHead", "HeadOutput", "HeadTargets", "PeakHeadOutput", "build_targets", "compute_loss", "decode",
            "gaussian_radius_cells", "rotated_nms"]
 
 # Initial heat-map probability everywhere: a low prior keeps the many negative cells from
@@ -40,6 +40,7 @@ _HEATMAP_PRIOR = 0.1
 # Regression target columns, in the order HeadTargets stores them.
 _OFFSET, _Z, _SIZE, _YAW = slice(0, 2), slice(2, 3), slice(3, 6), slice(6, 8)
 _REGRESSION_COLUMNS = 8
+_REGRESSIONS = ("offset", "z", "size", "yaw")  # the branches behind those columns, in order
 _MIN_SIZE_M = 1e-3  # guards log() against degenerate boxes
 
 
@@ -52,6 +53,28 @@ class HeadOutput:
     z: Tensor  # [B, 1, H', W'] centre height, m
     size: Tensor  # [B, 3, H', W'] log(l, w, h), m
     yaw: Tensor  # [B, 2, H', W'] sin(2 yaw), cos(2 yaw)
+
+    def at_cells(self, b: int, cell: Tensor) -> Tensor:
+        """Sample ``b``'s regressions at flat cells ``[N]`` as ``[N, 8]`` (offset, z, size, yaw)."""
+        return torch.cat([_at_cells(getattr(self, name)[b], cell) for name in _REGRESSIONS], dim=1)
+
+
+@dataclass(frozen=True, slots=True)
+class PeakHeadOutput:
+    """Inference output: the dense heat-map, and box regressions computed only at the cells asked for.
+
+    A decoder needs the regressions at a few dozen peak cells out of thousands; the regression
+    branches (four 3x3 convolutions over the whole map) are most of a dense head's cost. The
+    numbers at a cell are those of :class:`HeadOutput` (the same convolution, evaluated there).
+    """
+
+    heatmap: Tensor  # [B, K, H', W'] logits
+    shared: Tensor  # [B, head_channels, H', W'] the head's shared features
+    head: CenterHead
+
+    def at_cells(self, b: int, cell: Tensor) -> Tensor:
+        """Sample ``b``'s regressions at flat cells ``[N]`` as ``[N, 8]`` (offset, z, size, yaw)."""
+        return self.head.regress_at(self.shared[b], cell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +145,30 @@ class CenterHead(nn.Module):
             size=self.size(shared),
             yaw=self.yaw(shared),
         )
+
+    def infer(self, features: Tensor) -> PeakHeadOutput:
+        """Inference: the heat-map over the whole map; box regressions later, only where a decoder asks."""
+        shared = self.shared(features)
+        return PeakHeadOutput(heatmap=self.heatmap(shared), shared=shared, head=self)
+
+    def regress_at(self, shared: Tensor, cell: Tensor) -> Tensor:
+        """The regression branches of one sample's shared features ``[C, H', W']`` at flat cells ``[N]``.
+
+        Each branch's 3x3 convolution (zero padding) is applied to the 3x3 neighbourhood of each
+        cell only, as one matrix product; returns ``[N, 8]`` (offset, z, size, yaw).
+        """
+        channels, rows, cols = shared.shape
+        padded = F.pad(shared, (1, 1, 1, 1))  # [C, H'+2, W'+2]
+        step = torch.arange(3, device=cell.device)
+        row = (cell // cols)[:, None, None] + step[None, :, None]  # [N, 3, 1] in padded rows
+        col = (cell % cols)[:, None, None] + step[None, None, :]  # [N, 1, 3]
+        patches = padded[:, row, col].permute(1, 0, 2, 3).reshape(len(cell), channels * 9)  # [N, C*3*3]
+        outputs = []
+        for name in _REGRESSIONS:
+            conv, _, project = getattr(self, name)
+            hidden = torch.relu(F.linear(patches, conv.weight.flatten(1), conv.bias))  # [N, mid]
+            outputs.append(F.linear(hidden, project.weight.flatten(1), project.bias))  # [N, out]
+        return torch.cat(outputs, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +446,8 @@ def _at_cells(dense: Tensor, cell: Tensor) -> Tensor:
 
 
 def _sample_candidates(
-    out: HeadOutput, peaks: Tensor, b: int, grid: BevGrid, cell_m: float, score_threshold: float, top_k: int
+    out: HeadOutput | PeakHeadOutput, peaks: Tensor, b: int, grid: BevGrid, cell_m: float, score_threshold: float,
+    top_k: int
 ) -> Tensor:
     """The ``top_k`` best peaks of sample ``b`` above the threshold, decoded to [N, 9]."""
     _, rows, cols = peaks.shape[1:]
@@ -407,12 +455,12 @@ def _sample_candidates(
     keep = top_scores > score_threshold
     top_scores, top_index = top_scores[keep], top_index[keep]  # [N]
     label, cell = top_index // (rows * cols), top_index % (rows * cols)  # [N]
-    offset = _at_cells(out.offset[b], cell)  # [N, 2]
+    regression = out.at_cells(b, cell)  # [N, 8]
+    offset, yaw = regression[:, _OFFSET], regression[:, _YAW]  # [N, 2] each
     x = grid.x_min_m + ((cell % cols) + 0.5 + offset[:, 0]) * cell_m  # [N]
     y = grid.y_min_m + ((cell // cols) + 0.5 + offset[:, 1]) * cell_m  # [N]
-    yaw = _at_cells(out.yaw[b], cell)  # [N, 2]
     return torch.cat([
-        x[:, None], y[:, None], _at_cells(out.z[b], cell), _at_cells(out.size[b], cell).exp(),
+        x[:, None], y[:, None], regression[:, _Z], regression[:, _SIZE].exp(),
         0.5 * torch.atan2(yaw[:, 0], yaw[:, 1])[:, None], top_scores[:, None], label[:, None].to(top_scores.dtype),
     ], dim=1)  # [N, 9]
 
@@ -429,7 +477,7 @@ def _nms_per_class(detections: Tensor, iou_threshold: float) -> Tensor:
 
 @torch.no_grad()
 def decode(
-    out: HeadOutput,
+    out: HeadOutput | PeakHeadOutput,
     grid: BevGrid,
     stride: int,
     *,

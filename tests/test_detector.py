@@ -514,3 +514,28 @@ def test_pillar_encoder_ignores_points_outside_the_grid_or_height_band() -> None
     # The lower edges are inside: x = y = -4 lands in cell (0, 0), z = z_min counts.
     edge = encoder([torch.cat([outside, torch.tensor([[-4.0, -4.0, -1.0, 1.0]])])])
     assert torch.nonzero(edge[0, 0]).tolist() == [[0, 0]]
+
+
+def test_bfloat16_inference_keeps_types_and_nearly_the_float32_numbers(trained: TrainedRun) -> None:
+    detector = trained.detector
+    sample = _coop_sample()
+    clouds = [torch.from_numpy(p) for p in sample.points]
+    try:
+        assert detector.set_precision("float32") == "float32"
+        with torch.no_grad():
+            reference = detector.features(clouds)
+            reference_boxes = detector.detect(reference)[0]
+        assert detector.set_precision("bfloat16") == "bfloat16"
+        with torch.no_grad():
+            features = detector.features(clouds)
+            boxes = detector.detect(features)[0]
+        assert features.dtype == torch.float32 and boxes.dtype == torch.float32
+        assert not torch.equal(features, reference)  # bfloat16 was really used
+        torch.testing.assert_close(features, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+        assert len(boxes) == len(reference_boxes)
+        torch.testing.assert_close(boxes[:, :2], reference_boxes[:, :2], rtol=0.0, atol=0.1)  # metres
+        assert detector.set_precision("auto") in ("float32", "bfloat16")
+        with pytest.raises(ValueError, match="float16"):
+            detector.set_precision("float16")
+    finally:
+        detector.set_precision("float32")

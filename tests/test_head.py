@@ -215,3 +215,30 @@ def test_a_box_turned_by_pi_has_the_same_yaw_target() -> None:
     quarter[0, 6] += np.pi / 2
     c = build_targets([quarter], [np.array([0])], GRID, STRIDE, 1)
     assert not torch.allclose(a.yaw, c.yaw, atol=1e-3)
+
+
+def test_regressions_at_cells_equal_the_dense_head_everywhere_including_the_border() -> None:
+    torch.manual_seed(3)
+    head = CenterHead(8, num_classes=2, head_channels=12).eval()
+    features = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        dense, peak = head(features), head.infer(features)
+        assert torch.equal(dense.heatmap, peak.heatmap)
+        every_cell = torch.arange(9 * 7)
+        for b in range(2):
+            torch.testing.assert_close(peak.at_cells(b, every_cell), dense.at_cells(b, every_cell),
+                                       rtol=1e-5, atol=1e-5)
+        assert peak.at_cells(0, torch.zeros(0, dtype=torch.int64)).shape == (0, 8)
+
+
+def test_decoding_the_sparse_head_gives_the_dense_heads_boxes() -> None:
+    torch.manual_seed(4)
+    head = CenterHead(8, head_channels=12).eval()
+    grid = BevGrid(x_min_m=-8.0, x_max_m=8.0, y_min_m=-8.0, y_max_m=8.0, cell_size_m=0.5)  # 16 x 16 at stride 2
+    features = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        dense = decode(head(features), grid, 2, score_threshold=0.05)
+        sparse = decode(head.infer(features), grid, 2, score_threshold=0.05)
+    assert sum(len(d) for d in dense) > 4  # the random head does produce peaks to compare
+    for d, s in zip(dense, sparse):
+        torch.testing.assert_close(s, d, rtol=1e-5, atol=1e-5)
