@@ -127,8 +127,8 @@ def test_replaying_a_scenario_folder_scores_what_eval_scores(tmp_path: Path) -> 
     _, err = replay.communicate(timeout=240)
     assert replay.returncode == 0, err[-3000:]
     run = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--data", str(folder), "--fusion",
-                          "intermediate", "--rate-level", "0", "--json", str(evaluated)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+                          "intermediate", "--rate-level", "0", "--precision", "auto", "--json", str(evaluated)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)  # the nodes' default precision
     assert run.returncode == 0, run.stderr[-2000:]
     streamed, offline = json.loads(report.read_text()), json.loads(evaluated.read_text())
     assert streamed["frames_scored"] == offline["frames"] == 10
