@@ -12,9 +12,11 @@ holds a tick: what it has not delivered by then is replaced by its last frame
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +143,8 @@ class FusionNode(FusionServicer):
         self.codec = codec.eval() if codec is not None else None
         self.grid = expected_grid(detector, codec)
         self.precision = self.detector.set_precision(config.precision)
+        # One thread does all torch work (decoding frames, fusing slots), so the warm-up leaves it warm.
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion")
         self.period_ns = round(1e9 / config.rate_hz)
         self.agents: dict[int, AgentState] = {}
         self.connected: dict[int, int] = {}  # agent id -> open streams
@@ -208,9 +212,9 @@ class FusionNode(FusionServicer):
                 raise FrameRefused(f"frame says agent {frame.agent_id} on agent {state.agent_id}'s stream")
             if frame.auth_token and frame.auth_token != self.config.tokens.get(state.agent_id, frame.auth_token):
                 raise FrameRefused(f"frame carries a wrong token for agent {state.agent_id}")
-            contribution = await asyncio.to_thread(
+            contribution = await asyncio.get_running_loop().run_in_executor(self._torch_thread, functools.partial(
                 decode_frame, frame, detector=self.detector, codec=self.codec, grid=self.grid,
-                receive_time_ns=now, max_payload_bytes=self.config.max_payload_bytes, device=self.device)
+                receive_time_ns=now, max_payload_bytes=self.config.max_payload_bytes, device=self.device))
         except FrameRefused as err:
             state.frames_refused += 1
             state.last_error = str(err)
@@ -295,7 +299,7 @@ class FusionNode(FusionServicer):
                     break
                 await self._wait_arrival(remaining)
             self.last_slot = slot  # from here on, a frame for this slot is late: fusing has begun
-            item = await asyncio.to_thread(self.fuse_slot, slot)
+            item = await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.fuse_slot, slot)
             self.ticks += 1
             self._publish(item)
 
@@ -406,7 +410,7 @@ class FusionNode(FusionServicer):
         self.detector.detect(self.detector.fuse(features, poses), score_threshold=self.config.score_threshold)
 
     async def start(self) -> FusionServer:
-        await asyncio.to_thread(self.warm_up)
+        await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.warm_up)
         self._server = await start_fusion_server(self, self.config.listen, self.config.tls.files())
         self._loop_task = asyncio.create_task(self.run())
         await self._server.set_serving(True)
