@@ -316,6 +316,7 @@ class AgentNode:
             except TimeoutError:
                 link.cancel()
                 await asyncio.gather(link, return_exceptions=True)
+            self._compute_thread.shutdown(wait=False)
         return self.counters
 
     def report(self) -> dict:

@@ -427,6 +427,7 @@ class FusionNode(FusionServicer):
             await asyncio.gather(self._loop_task, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(0.5)
+        self._torch_thread.shutdown(wait=False)
 
     def counters(self) -> dict:
         return {"ticks": self.ticks, "precision": self.precision, "refused_streams": dict(self.refused_streams),

@@ -8,6 +8,7 @@ and merges them with :meth:`BevDetector.fuse` and runs :meth:`BevDetector.detect
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -156,7 +157,7 @@ class BevDetector(nn.Module):
         regressions are computed only at the cells the decoder picks (a third of the head's cost)."""
         with self._autocast():
             out = self.head.infer(self.refine(features))
-        return PeakHeadOutput(heatmap=out.heatmap.float(), shared=out.shared.float(), head=self.head)
+        return replace(out, heatmap=out.heatmap.float(), shared=out.shared.float())
 
     def detect(self, features: torch.Tensor, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
