@@ -12,10 +12,11 @@ holds a tick: what it has not delivered by then is replaced by its last frame
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,22 +24,26 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field
 
-from fusion.receive import Contribution, FrameRefused, decode_frame, expected_grid
+from fusion.receive import Contribution, FrameRefused, check_frame, decode_frame, expected_grid
+from fusion.substitute import EvidenceMemory
 from models.codec import FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, Precision, load_checkpoint
 from models.geometry import invert_se3
-from protos import (AgentContribution, ContributionStatus, Control, FeatureFrame, FusedFrame, FusionServicer, LinkStats,
-                    StageTiming, SubscribeRequest)
+from protos import (AgentContribution, ContributionStatus, Control, FeatureFrame, FusedFrame, FusionServicer, LinkReport,
+                    LinkStats, StageTiming, SubscribeRequest)
 from transport import (AGENT_KEY, TOKEN_KEY, FusionServer, MalformedFrame, TlsFiles, boxes_to_proto, pose_to_proto,
                        start_fusion_server)
+from transport.deadline import AgentBuffer, Assembly, ChunkRefused
 
 log = logging.getLogger(__name__)
 
-FRAMES_KEPT = 4
-"""Frames kept per agent (the newest few slots): enough to fuse a slot while the next arrives."""
+FRAMES_KEPT = 8
+"""Frames kept per agent (the newest few sequences): enough to fuse a slot while the next ones arrive,
+and to take in a frame that comes a few periods late."""
 
 
 class TlsConfig(BaseModel):
@@ -77,7 +82,19 @@ class FusionConfig(BaseModel):
     deadline_ms: float = Field(100.0, gt=0.0)
     """A slot is fused at its capture time plus this at the latest, whatever has arrived."""
     max_age_ms: float = Field(300.0, ge=0.0)
-    """An agent's last frame stands in for a missing one while younger than this."""
+    """Evidence older than this is not used: an agent's earlier tiles stand in for missing ones (weighted
+    down by age, ``1 - age / max_age_ms``) while younger than this."""
+    substitute: bool = True
+    """Fill tiles (or whole frames) that did not arrive from the agent's earlier ones, moved by its
+    ego-motion. ``false``: a missing tile is left out, a missing frame leaves the agent out."""
+    chunk_grace_ms: float = Field(20.0, ge=0.0)
+    """A frame that came in chunks is not waited for longer than this after its last chunk arrived
+    (a frame's chunks leave back to back: the rest were lost)."""
+    report_every_ms: float = Field(500.0, gt=0.0)
+    """How often each agent is sent a ``Control`` with the link as this node sees it."""
+    webrtc_listen: str | None = None
+    """``host:port`` of the WebRTC signalling server (HTTP) for agents with ``transport: webrtc``
+    (port 0: any free port); ``None``: gRPC only."""
     ego_agent_id: int | None = None
     """The agent whose frame fused boxes are given in (default: the smallest non-negative id present)."""
     max_payload_bytes: int = Field(1_000_000, gt=0)
@@ -94,10 +111,16 @@ class FusionConfig(BaseModel):
 
 @dataclass(slots=True)
 class AgentState:
-    """Per-agent buffer and counters."""
+    """Per-agent buffer, evidence memory and counters."""
 
     agent_id: int
-    frames: OrderedDict[int, Contribution] = field(default_factory=OrderedDict)  # slot -> frame
+    buffer: AgentBuffer
+    transport: str = "grpc"
+    decoded: dict[int, tuple[int, Contribution]] = field(default_factory=dict)  # sequence -> (revision, frame)
+    taken: dict[int, int] = field(default_factory=dict)  # sequence -> revision taken into the memory
+    memory: EvidenceMemory | None = None
+    late_counted: set[int] = field(default_factory=set)
+    send_control: Callable[[Control], None] | None = None
     streams: int = 0
     frames_received: int = 0
     frames_refused: int = 0
@@ -108,18 +131,42 @@ class AgentState:
     last_receive_ns: int = 0
     last_error: str = ""
     refused_by_reason: dict[str, int] = field(default_factory=dict)
+    last_report: LinkReport = field(default_factory=LinkReport)
 
     def link_stats(self) -> LinkStats:
-        return LinkStats(agent_id=self.agent_id, transport="grpc", frames_received=self.frames_received,
+        r = self.last_report
+        return LinkStats(agent_id=self.agent_id, transport=self.transport, frames_received=self.frames_received,
                          frames_refused=self.frames_refused, frames_late=self.frames_late,
-                         tiles_corrupt=self.tiles_corrupt, bytes_received=self.bytes_received,
-                         last_sequence=self.last_sequence, last_receive_time_ns=self.last_receive_ns)
+                         chunks_received=self.buffer.chunks_received, tiles_corrupt=self.tiles_corrupt,
+                         bytes_received=self.bytes_received, loss_fraction=r.loss_fraction,
+                         delivered_bitrate_bps=r.delivered_bitrate_bps, last_sequence=self.last_sequence,
+                         last_receive_time_ns=self.last_receive_ns)
 
     def counters(self) -> dict:
-        return {"frames_received": self.frames_received, "frames_refused": self.frames_refused,
-                "frames_late": self.frames_late, "tiles_corrupt": self.tiles_corrupt,
-                "bytes_received": self.bytes_received, "streams": self.streams, "last_error": self.last_error,
-                "refused_by_reason": dict(self.refused_by_reason)}
+        return {"transport": self.transport, "frames_received": self.frames_received,
+                "frames_refused": self.frames_refused, "frames_late": self.frames_late,
+                "chunks_received": self.buffer.chunks_received, "chunks_refused": self.buffer.chunks_refused,
+                "tiles_corrupt": self.tiles_corrupt, "bytes_received": self.bytes_received, "streams": self.streams,
+                "last_error": self.last_error, "refused_by_reason": dict(self.refused_by_reason)}
+
+
+@dataclass(frozen=True, slots=True)
+class _FrameView:
+    """A snapshot of one frame's arrival, for the torch thread."""
+
+    sequence: int
+    revision: int
+    capture_time_ns: int
+    last_receive_ns: int
+    chunk_count: int
+    chunks: int
+    tile_count: int
+    message: FeatureFrame | None
+
+    @classmethod
+    def of(cls, a: Assembly, with_message: bool) -> _FrameView:
+        return cls(a.sequence, a.revision, a.capture_time_ns, a.last_receive_ns, a.chunk_count, len(a.chunks),
+                   a.header.tile_count, a.message() if with_message else None)
 
 
 def _reason_key(message: str) -> str:
@@ -133,7 +180,7 @@ def _reason_key(message: str) -> str:
 
 
 class FusionNode(FusionServicer):
-    """The ``cp.v1.Fusion`` service and its fusion loop (start with :meth:`start`)."""
+    """The ``cp.v1.Fusion`` service (and the WebRTC signalling server) and the fusion loop (:meth:`start`)."""
 
     def __init__(self, config: FusionConfig, detector: BevDetector, codec: FeatureCodec | None,
                  device: torch.device | None = None) -> None:
@@ -142,6 +189,7 @@ class FusionNode(FusionServicer):
         self.detector = detector.eval()
         self.codec = codec.eval() if codec is not None else None
         self.grid = expected_grid(detector, codec)
+        self.tile_cells = codec.config.tile_cells * codec.config.latent_stride if codec is not None else 0
         self.precision = self.detector.set_precision(config.precision)
         # One thread does all torch work (decoding frames, fusing slots), so the warm-up leaves it warm.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion")
@@ -150,6 +198,7 @@ class FusionNode(FusionServicer):
         self.connected: dict[int, int] = {}  # agent id -> open streams
         self.refused_streams: dict[str, int] = {}
         self.ticks = 0
+        self.fuse_errors = 0
         self.last_slot = -1
         self._forwarded: dict[tuple[int, int], None] = {}  # (agent, sequence) already sent to recorders
         self.subscribers: list[asyncio.Queue] = []
@@ -157,9 +206,23 @@ class FusionNode(FusionServicer):
         self._arrival = asyncio.Event()
         self._stopping = asyncio.Event()
         self._server: FusionServer | None = None
+        self._webrtc = None  # transport.webrtc_link.WebRtcServer when webrtc_listen is set
+        self.webrtc_port: int | None = None
         self._loop_task: asyncio.Task | None = None
+        self._report_task: asyncio.Task | None = None
+        self._receiving: set[asyncio.Task] = set()
 
     # ---- service --------------------------------------------------------------------------
+
+    def _check_credentials(self, agent_id: int, token: str) -> tuple[str, str] | None:
+        """None when ``token`` is good for ``agent_id``, else (counter key, message)."""
+        if self.config.allow_any_agent:
+            return None
+        if agent_id not in self.config.tokens:
+            return "unknown agent", f"unknown agent {agent_id}"
+        if token != self.config.tokens[agent_id]:
+            return "wrong token", f"wrong token for agent {agent_id}"
+        return None
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[int | None, tuple[str, str] | None]:
         """(agent id, None) when the call's credentials are good, else (None, (counter key, message))."""
@@ -169,13 +232,25 @@ class FusionNode(FusionServicer):
             agent_id = int(raw_id)
         except (TypeError, ValueError):
             return None, ("no agent id", f"missing or malformed {AGENT_KEY} metadata ({raw_id!r})")
-        if self.config.allow_any_agent:
-            return agent_id, None
-        if agent_id not in self.config.tokens:
-            return None, ("unknown agent", f"unknown agent {agent_id}")
-        if token != self.config.tokens[agent_id]:
-            return None, ("wrong token", f"wrong token for agent {agent_id}")
-        return agent_id, None
+        problem = self._check_credentials(agent_id, token)
+        return (None, problem) if problem is not None else (agent_id, None)
+
+    def _state(self, agent_id: int, transport: str) -> AgentState:
+        state = self.agents.get(agent_id)
+        if state is None:
+            state = self.agents[agent_id] = AgentState(agent_id, AgentBuffer(
+                agent_id, keep=FRAMES_KEPT, chunk_grace_ms=self.config.chunk_grace_ms))
+        state.transport = transport
+        return state
+
+    def _joined(self, agent_id: int) -> None:
+        self.connected[agent_id] = self.connected.get(agent_id, 0) + 1
+
+    def _left(self, agent_id: int) -> None:
+        self.connected[agent_id] = self.connected.get(agent_id, 1) - 1
+        if self.connected[agent_id] <= 0:
+            del self.connected[agent_id]
+        self._arrival.set()
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):
         agent_id, problem = self._authenticate(context)
@@ -184,55 +259,126 @@ class FusionNode(FusionServicer):
             self.refused_streams[key] = self.refused_streams.get(key, 0) + 1
             log.warning("refused a stream: %s", message)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        state = self.agents.setdefault(agent_id, AgentState(agent_id))
+        state = self._state(agent_id, "grpc")
         state.streams += 1
-        self.connected[agent_id] = self.connected.get(agent_id, 0) + 1
+        self._joined(agent_id)
         log.info("agent %d connected (%s)", agent_id, context.peer())
+        controls: asyncio.Queue[Control] = asyncio.Queue(maxsize=4)
+
+        def send(control: Control) -> None:  # latest wins: a slow stream keeps only the newest reports
+            if controls.full():
+                controls.get_nowait()
+            controls.put_nowait(control)
+
+        async def write_controls() -> None:
+            while True:
+                await context.write(await controls.get())
+
+        state.send_control = send
+        writer = None
         try:
             await context.send_initial_metadata(())
             await context.write(Control(target_frame_rate_hz=self.config.rate_hz))
+            writer = asyncio.create_task(write_controls())
             async for frame in request_iterator:
-                await self._receive(state, frame)
+                size = frame.size_bytes if isinstance(frame, MalformedFrame) else frame.ByteSize()
+                await self._receive(state, frame, size)
         finally:
-            self.connected[agent_id] -= 1
-            if not self.connected[agent_id]:
-                del self.connected[agent_id]
-            self._arrival.set()
+            if writer is not None:
+                writer.cancel()
+            if state.send_control is send:
+                state.send_control = None
+            self._left(agent_id)
             log.info("agent %d disconnected", agent_id)
 
-    async def _receive(self, state: AgentState, frame: FeatureFrame | MalformedFrame) -> None:
-        now = time.time_ns()
+    def _webrtc_chunk(self, agent_id: int, data: bytes, receive_ns: int) -> None:
+        """A chunk from an agent's WebRTC ``features`` channel (on the event loop; parsing is cheap)."""
+        state = self._state(agent_id, "webrtc")
+        try:
+            frame: FeatureFrame | MalformedFrame = FeatureFrame.FromString(data)
+        except DecodeError as err:
+            frame = MalformedFrame(len(data), f"malformed FeatureFrame chunk of {len(data)} bytes: {err}")
+        task = asyncio.get_running_loop().create_task(self._receive(state, frame, len(data), receive_ns))
+        self._receiving.add(task)
+        task.add_done_callback(self._receiving.discard)
+
+    def _webrtc_connected(self, agent_id: int) -> None:
+        state = self._state(agent_id, "webrtc")
+        state.streams += 1
+        state.send_control = functools.partial(self._webrtc_send, agent_id)
+        self._joined(agent_id)
+        log.info("agent %d connected over WebRTC", agent_id)
+        state.send_control(Control(target_frame_rate_hz=self.config.rate_hz))
+
+    def _webrtc_send(self, agent_id: int, control: Control) -> None:
+        if self._webrtc is not None:
+            self._webrtc.send_control(agent_id, control)
+
+    def _webrtc_disconnected(self, agent_id: int) -> None:
+        if agent_id in self.agents:
+            self.agents[agent_id].send_control = None
+        self._left(agent_id)
+        log.info("agent %d disconnected (WebRTC)", agent_id)
+
+    def _refuse(self, state: AgentState, frame, message: str) -> None:
+        state.frames_refused += 1
+        state.last_error = message
+        key = _reason_key(message)
+        state.refused_by_reason[key] = state.refused_by_reason.get(key, 0) + 1
+        log.warning("agent %d frame %s refused: %s", state.agent_id, getattr(frame, "sequence", "?"), message)
+
+    async def _receive(self, state: AgentState, frame: FeatureFrame | MalformedFrame, wire_bytes: int,
+                       receive_ns: int | None = None) -> None:
+        """One frame or chunk: check it, add it to its frame, decode the frame once it is complete."""
+        now = receive_ns or time.time_ns()
         state.last_receive_ns = now
+        state.bytes_received += wire_bytes
         try:
             if isinstance(frame, MalformedFrame):
-                state.bytes_received += frame.size_bytes
                 raise FrameRefused(frame.error)
-            state.bytes_received += frame.ByteSize()
             if frame.agent_id != state.agent_id:
                 raise FrameRefused(f"frame says agent {frame.agent_id} on agent {state.agent_id}'s stream")
             if frame.auth_token and frame.auth_token != self.config.tokens.get(state.agent_id, frame.auth_token):
                 raise FrameRefused(f"frame carries a wrong token for agent {state.agent_id}")
-            contribution = await asyncio.get_running_loop().run_in_executor(self._torch_thread, functools.partial(
-                decode_frame, frame, detector=self.detector, codec=self.codec, grid=self.grid,
-                receive_time_ns=now, max_payload_bytes=self.config.max_payload_bytes, device=self.device))
-        except FrameRefused as err:
-            state.frames_refused += 1
-            state.last_error = str(err)
-            key = _reason_key(str(err))
-            state.refused_by_reason[key] = state.refused_by_reason.get(key, 0) + 1
-            log.warning("agent %d frame %s refused: %s", state.agent_id, getattr(frame, "sequence", "?"), err)
+            check_frame(frame, codec=self.codec, grid=self.grid, max_payload_bytes=self.config.max_payload_bytes)
+            assembly = state.buffer.add(frame, now, wire_bytes)
+        except (FrameRefused, ChunkRefused) as err:
+            self._refuse(state, frame, str(err))
             return
-        state.frames_received += 1
-        state.tiles_corrupt += contribution.tiles_refused
-        state.last_sequence = frame.sequence
-        slot = self.slot_of(contribution.capture_time_ns)
-        if slot <= self.last_slot:
-            state.frames_late += 1  # its slot was fused already: kept as the freshest evidence for later slots
-        state.frames[slot] = contribution
-        state.frames.move_to_end(slot)
-        while len(state.frames) > FRAMES_KEPT:
-            state.frames.popitem(last=False)
+        first_chunk = assembly.revision == 1
+        state.last_sequence = max(state.last_sequence, frame.sequence)
+        slot = self.slot_of(assembly.capture_time_ns)
+        if slot <= self.last_slot and assembly.sequence not in state.late_counted:
+            state.frames_late += 1  # its slot was fused already: kept as evidence for later slots
+            state.late_counted.add(assembly.sequence)
+            if len(state.late_counted) > 4 * FRAMES_KEPT:
+                state.late_counted.discard(min(state.late_counted))
+        if assembly.complete:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._decoded, state,
+                                                                 _FrameView.of(assembly, with_message=True))
+            except FrameRefused as err:
+                self._refuse(state, frame, str(err))
+                state.buffer.frames.pop(assembly.sequence, None)
+                return
+        if first_chunk:
+            state.frames_received += 1
         self._arrival.set()
+
+    def _decoded(self, state: AgentState, view: _FrameView) -> Contribution:
+        """The frame's features as far as it has arrived (decoded again only when more came; torch thread)."""
+        cached = state.decoded.get(view.sequence)
+        if cached is not None and cached[0] >= view.revision:
+            return cached[1]
+        contribution = decode_frame(view.message, detector=self.detector, codec=self.codec, grid=self.grid,
+                                    receive_time_ns=view.last_receive_ns,
+                                    max_payload_bytes=self.config.max_payload_bytes, device=self.device)
+        if cached is None:
+            state.tiles_corrupt += contribution.tiles_refused
+        state.decoded[view.sequence] = (view.revision, contribution)
+        while len(state.decoded) > FRAMES_KEPT:
+            del state.decoded[min(state.decoded)]
+        return contribution
 
     async def Subscribe(self, request: SubscribeRequest, context: grpc.aio.ServicerContext):
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.config.subscriber_queue)
@@ -275,11 +421,33 @@ class FusionNode(FusionServicer):
     def slot_of(self, capture_time_ns: int) -> int:
         return round(capture_time_ns / self.period_ns)
 
-    def _newest_slot(self) -> int:
-        return max((next(reversed(s.frames)) for s in self.agents.values() if s.frames), default=-1)
+    def _slots(self, state: AgentState) -> dict[int, Assembly]:
+        """The agent's kept frames by fusion slot (a later sequence wins a shared slot)."""
+        return {self.slot_of(a.capture_time_ns): a for _, a in sorted(state.buffer.frames.items())}
 
-    def _complete(self, slot: int) -> bool:
-        return all(any(k >= slot for k in self.agents[a].frames) for a in self.connected if a in self.agents)
+    def _newest_slot(self) -> int:
+        return max((self.slot_of(a.capture_time_ns) for s in self.agents.values() for a in s.buffer.frames.values()),
+                   default=-1)
+
+    def _delivered(self, slot: int, now_ns: int) -> tuple[bool, int | None]:
+        """Whether every connected agent has delivered ``slot`` (a settled frame for it, or any later
+        frame), and when a frame still arriving would settle by its grace period alone."""
+        wake = None
+        for agent in self.connected:
+            state = self.agents.get(agent)
+            if state is None:
+                continue
+            slots = self._slots(state)
+            if any(k > slot for k in slots):
+                continue
+            frame = slots.get(slot)
+            if frame is None:
+                return False, wake
+            if not state.buffer.settled(frame, now_ns):
+                settle = state.buffer.settle_time_ns(frame)
+                wake = settle if wake is None else min(wake, settle)
+                return False, wake
+        return True, wake
 
     async def run(self) -> None:
         """Fuse slots as they fill (or their deadline passes) until :meth:`stop`."""
@@ -290,16 +458,24 @@ class FusionNode(FusionServicer):
                 await self._wait_arrival(None)
                 continue
             deadline_ns = slot * self.period_ns + int(self.config.deadline_ms * 1e6)
-            while not self._complete(slot) and not self._stopping.is_set():
-                remaining = (deadline_ns - time.time_ns()) / 1e9
-                if remaining <= 0:
-                    break
+            while not self._stopping.is_set():
                 self._arrival.clear()
-                if self._complete(slot):
+                done, wake_ns = self._delivered(slot, time.time_ns())
+                if done:
                     break
-                await self._wait_arrival(remaining)
+                remaining = (min(deadline_ns, wake_ns or deadline_ns) - time.time_ns()) / 1e9
+                if remaining <= 0 and time.time_ns() >= deadline_ns:
+                    break
+                await self._wait_arrival(max(remaining, 0.0))
             self.last_slot = slot  # from here on, a frame for this slot is late: fusing has begun
-            item = await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.fuse_slot, slot)
+            plan = self._plan(slot)
+            try:
+                item = await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.fuse_slot, slot,
+                                                                        plan)
+            except Exception:  # a bug must not stop the node: this slot is lost, the next ones are fused
+                log.exception("fusing slot %d failed", slot)
+                self.fuse_errors += 1
+                continue
             self.ticks += 1
             self._publish(item)
 
@@ -311,41 +487,84 @@ class FusionNode(FusionServicer):
             for w in waiters:
                 w.cancel()
 
-    def _pick(self, slot: int) -> list[tuple[Contribution, int]]:
-        """Per agent: its frame for ``slot``, else its newest earlier one if young enough; with its status."""
-        picked = []
-        for state in sorted(self.agents.values(), key=lambda s: s.agent_id):
-            earlier = [k for k in state.frames if k <= slot]
-            if not earlier:
+    def _plan(self, slot: int) -> dict[int, dict[int, _FrameView]]:
+        """Per agent, its frames up to ``slot`` by slot, as they are now (taken on the event loop, so that
+        chunks arriving while the slot is fused do not change what the torch thread reads)."""
+        plan = {}
+        for agent_id, state in self.agents.items():
+            plan[agent_id] = {k: _FrameView.of(a, with_message=state.taken.get(a.sequence) != a.revision)
+                              for k, a in self._slots(state).items() if k <= slot}
+        return plan
+
+    def _evidence(self, state: AgentState, slot: int, slots: dict[int, _FrameView]):
+        """Take the agent's frames up to ``slot`` into its memory; its evidence for ``slot`` (or None),
+        the slot's own frame (or None) and the newest frame taken. Runs in the torch thread."""
+        newest = None
+        for k in sorted(slots):
+            if k > slot:
+                break
+            frame = slots[k]
+            newest = frame
+            if state.taken.get(frame.sequence) == frame.revision:
                 continue
-            k = max(earlier)
-            age_ms = (slot - k) * self.period_ns / 1e6
-            if k == slot:
-                picked.append((state.frames[k], ContributionStatus.CONTRIBUTION_STATUS_FRESH))
-            elif age_ms <= self.config.max_age_ms:
-                picked.append((state.frames[k], ContributionStatus.CONTRIBUTION_STATUS_SUBSTITUTED))
-        return picked
+            try:
+                c = self._decoded(state, frame)
+            except FrameRefused as err:
+                self._refuse(state, frame.message, str(err))
+                state.taken[frame.sequence] = frame.revision
+                continue
+            if state.memory is None:
+                state.memory = EvidenceMemory(self.detector.grid, self.tile_cells, frame.capture_time_ns)
+            state.memory.take(c.features, c.valid, c.world_from_agent, frame.capture_time_ns)
+            state.taken[frame.sequence] = frame.revision
+        while len(state.taken) > 2 * FRAMES_KEPT:
+            del state.taken[min(state.taken)]
+        if state.memory is None or newest is None:
+            return None, None, newest
+        own = slots.get(slot)
+        tile_count = max(1, (own or newest).tile_count)
+        evidence = state.memory.evidence(slot * self.period_ns, self.config.max_age_ms, self.config.substitute,
+                                         own.capture_time_ns if own is not None else None, tile_count)
+        return evidence, own, newest
 
     @torch.no_grad()
-    def fuse_slot(self, slot: int) -> tuple[FusedFrame, list[FeatureFrame]]:
-        """Warp, merge and detect what is there for ``slot`` (runs in a worker thread)."""
+    def fuse_slot(self, slot: int, plan: dict[int, dict[int, _FrameView]] | None = None
+                  ) -> tuple[FusedFrame, list[FeatureFrame]]:
+        """Substitute, warp, merge and detect what is there for ``slot`` (runs in the torch thread;
+        ``plan`` is :meth:`_plan`'s snapshot, taken now when not given)."""
         torch.set_num_threads(self.config.threads)
+        plan = self._plan(slot) if plan is None else plan
         start = time.perf_counter()
-        picked = self._pick(slot)
         fused = FusedFrame(sequence=slot, fusion_time_ns=time.time_ns())
-        if not picked:
+        status = ContributionStatus
+        used, missing = [], []
+        for state in sorted(self.agents.values(), key=lambda s: s.agent_id):
+            evidence, own, newest = self._evidence(state, slot, plan.get(state.agent_id, {}))
+            if evidence is None:
+                missing.append((state, newest))
+                continue
+            if own is None or evidence.substituted_tiles:
+                kind = status.CONTRIBUTION_STATUS_SUBSTITUTED
+            elif evidence.dropped_tiles:
+                kind = status.CONTRIBUTION_STATUS_PARTIAL
+            else:
+                kind = status.CONTRIBUTION_STATUS_FRESH
+            used.append((state, evidence, own, newest, kind))
+        decoded_at = time.perf_counter()
+        if not used:
             fused.publish_time_ns = time.time_ns()
             return fused, []
-        ids = [c.agent_id for c, _ in picked]
+        ids = [s.agent_id for s, *_ in used]
         vehicles = [a for a in ids if a >= 0]
         ego = self.config.ego_agent_id if self.config.ego_agent_id in ids else min(vehicles, default=ids[0])
-        reference = next(c for c, _ in picked if c.agent_id == ego)
-        ref_from_world = invert_se3(reference.world_from_agent)
-        ego_from_agent = np.stack([ref_from_world @ c.world_from_agent for c, _ in picked])
-        features = torch.cat([c.features for c, _ in picked])
-        valid = torch.cat([c.valid for c, _ in picked])
+        reference = next(u for u in used if u[0].agent_id == ego)
+        world_from_reference = reference[1].world_from_agent
+        ref_from_world = invert_se3(world_from_reference)
+        ego_from_agent = np.stack([ref_from_world @ e.world_from_agent for _, e, *_ in used])
+        features = torch.cat([e.features for _, e, *_ in used])
+        weight = torch.cat([e.weight for _, e, *_ in used])
         merged = self.detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32,
-                                                              device=self.device), valid=valid)
+                                                              device=self.device), valid=weight)
         fused_at = time.perf_counter()
         boxes = self.detector.detect(merged, score_threshold=self.config.score_threshold)[0].cpu().numpy()
         boxes = boxes[self.detector.grid.contains(boxes[:, :2])] if len(boxes) else boxes
@@ -353,36 +572,51 @@ class FusionNode(FusionServicer):
         intended = self.config.ego_agent_id if self.config.ego_agent_id is not None else min(
             (a for a in self.agents if a >= 0), default=ego)
         fused.ego_agent_id = ego
-        fused.reference_pose.CopyFrom(pose_to_proto(reference.world_from_agent))
+        fused.reference_pose.CopyFrom(pose_to_proto(world_from_reference))
         fused.boxes.extend(boxes_to_proto(boxes[:, :9]))
-        fused.capture_time_ns = (reference.capture_time_ns if ego == intended
-                                 else max(c.capture_time_ns for c, _ in picked))
-        fresh = ContributionStatus.CONTRIBUTION_STATUS_FRESH
-        for c, status in picked:
+        ref_own = reference[2]
+        fused.capture_time_ns = (ref_own.capture_time_ns if ego == intended and ref_own is not None
+                                 else max(n.capture_time_ns for _, _, _, n, _ in used))
+        for state, e, own, newest, kind in used:
             fused.contributions.append(AgentContribution(
-                agent_id=c.agent_id, status=status, sequence=c.sequence,
-                age_ms=(fused.fusion_time_ns - c.capture_time_ns) / 1e6,
-                tiles_fresh=c.tiles if status == fresh else 0,
-                tiles_substituted=c.tiles if status != fresh else 0))
-        for agent_id, state in sorted(self.agents.items()):
-            if agent_id not in ids:  # known, but nothing young enough to use
-                newest = next(reversed(state.frames.values()), None) if state.frames else None
-                fused.contributions.append(AgentContribution(
-                    agent_id=agent_id, status=ContributionStatus.CONTRIBUTION_STATUS_MISSING,
-                    sequence=newest.sequence if newest else 0,
-                    age_ms=(fused.fusion_time_ns - newest.capture_time_ns) / 1e6 if newest else 0.0))
+                agent_id=state.agent_id, status=kind, sequence=newest.sequence,
+                age_ms=(fused.fusion_time_ns - newest.capture_time_ns) / 1e6, tiles_fresh=e.fresh_tiles,
+                tiles_substituted=e.substituted_tiles, tiles_dropped=e.dropped_tiles,
+                substituted_age_ms=e.substituted_age_ms, substituted_max_age_ms=e.substituted_max_age_ms,
+                chunks_missing=(own.chunk_count - own.chunks) if own is not None else 0))
+        for state, newest in missing:  # known, but nothing young enough to use
+            fused.contributions.append(AgentContribution(
+                agent_id=state.agent_id, status=status.CONTRIBUTION_STATUS_MISSING,
+                sequence=newest.sequence if newest else 0,
+                age_ms=(fused.fusion_time_ns - newest.capture_time_ns) / 1e6 if newest else 0.0))
         fused.link_stats.extend(s.link_stats() for s in sorted(self.agents.values(), key=lambda s: s.agent_id))
         fused.stage_timings.extend([
-            StageTiming(stage="decode", duration_ms=float(sum(c.decode_ms for c, _ in picked))),
-            StageTiming(stage="warp_merge", duration_ms=(fused_at - start) * 1e3),
+            StageTiming(stage="decode_substitute", duration_ms=(decoded_at - start) * 1e3),
+            StageTiming(stage="warp_merge", duration_ms=(fused_at - decoded_at) * 1e3),
             StageTiming(stage="detect", duration_ms=(detected_at - fused_at) * 1e3)])
         fused.publish_time_ns = time.time_ns()
         fused.latency_ms = (fused.publish_time_ns - fused.capture_time_ns) / 1e6
-        first_use = [c for c, _ in picked if c.message is not None and (c.agent_id, c.sequence) not in self._forwarded]
-        self._forwarded.update(((c.agent_id, c.sequence), None) for c in first_use)
+        first_use = [(s.agent_id, n) for s, _, _, n, _ in used if (s.agent_id, n.sequence) not in self._forwarded]
+        self._forwarded.update(((a, n.sequence), None) for a, n in first_use)
         while len(self._forwarded) > 64 * max(1, len(self.agents)):  # remember only the recent ones
             self._forwarded.pop(next(iter(self._forwarded)))
-        return fused, [c.message for c in first_use]
+        return fused, [n.message for _, n in first_use if n.message is not None] if self.subscribers else []
+
+    async def _report_links(self) -> None:
+        """Every ``report_every_ms``: tell each connected agent how its link looks from here."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.config.report_every_ms / 1e3)
+                return
+            now = time.time_ns()
+            for agent_id in list(self.connected):
+                state = self.agents.get(agent_id)
+                if state is None:
+                    continue
+                state.last_report = state.buffer.report(now)
+                state.last_report.frames_late = state.frames_late
+                if state.send_control is not None:
+                    state.send_control(Control(link=state.last_report))
 
     def _publish(self, item: tuple[FusedFrame, list[FeatureFrame]]) -> None:
         for queue in self.subscribers:
@@ -412,7 +646,22 @@ class FusionNode(FusionServicer):
     async def start(self) -> FusionServer:
         await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.warm_up)
         self._server = await start_fusion_server(self, self.config.listen, self.config.tls.files())
+        if self.config.webrtc_listen is not None:
+            from transport.webrtc_link import WebRtcServer  # aiortc is imported only where WebRTC is used
+
+            def authenticate(agent_id: int, token: str) -> str | None:
+                problem = self._check_credentials(agent_id, token)
+                if problem is not None:
+                    self.refused_streams[problem[0]] = self.refused_streams.get(problem[0], 0) + 1
+                return problem[1] if problem is not None else None
+
+            self._webrtc = WebRtcServer(on_chunk=self._webrtc_chunk, authenticate=authenticate,
+                                        on_connect=self._webrtc_connected, on_disconnect=self._webrtc_disconnected)
+            host, _, port = self.config.webrtc_listen.rpartition(":")
+            self.webrtc_port = await self._webrtc.start(host or "0.0.0.0", int(port))
+            log.info("WebRTC signalling on port %d", self.webrtc_port)
         self._loop_task = asyncio.create_task(self.run())
+        self._report_task = asyncio.create_task(self._report_links())
         await self._server.set_serving(True)
         log.info("fusion node serving on port %d", self._server.port)
         return self._server
@@ -423,14 +672,17 @@ class FusionNode(FusionServicer):
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(None)
-        if self._loop_task is not None:
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._report_task):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        if self._webrtc is not None:
+            await self._webrtc.stop()
         if self._server is not None:
             await self._server.stop(0.5)
         self._torch_thread.shutdown(wait=False)
 
     def counters(self) -> dict:
-        return {"ticks": self.ticks, "precision": self.precision, "refused_streams": dict(self.refused_streams),
+        return {"ticks": self.ticks, "fuse_errors": self.fuse_errors, "precision": self.precision, "refused_streams": dict(self.refused_streams),
                 "subscriber_drops": self.subscriber_drops,
                 "agents": {str(a): s.counters() for a, s in sorted(self.agents.items())}}
 

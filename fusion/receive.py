@@ -63,15 +63,14 @@ def check_pose(world_from_agent: np.ndarray) -> None:
         raise FrameRefused("pose is not a rigid transform")
 
 
-def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCodec | None, grid: GridSpec,
-                 receive_time_ns: int, max_payload_bytes: int, device: torch.device) -> Contribution:
-    """Check ``frame`` against this node's grid and codec and decode its features.
+def check_frame(frame: FeatureFrame, *, codec: FeatureCodec | None, grid: GridSpec,
+                max_payload_bytes: int) -> np.ndarray:
+    """The checks a frame (or one chunk of it) must pass before it is kept; returns its pose.
 
     Raises:
-        FrameRefused: wrong grid or shapes, foreign codec id, bad rate level, oversized payload,
-            non-finite values, a bad pose, or no decodable tile (the message says which).
+        FrameRefused: wrong grid, foreign codec id, bad rate level or tile count, oversized
+            payload, a bad pose or capture time (the message says which).
     """
-    t0 = time.perf_counter()
     try:
         their_grid = grid_from_proto(frame.grid)
         world_from_agent = pose_from_proto(frame.pose)
@@ -86,23 +85,38 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
     payload = sum(len(t.payload) for t in frame.tiles)
     if payload > max_payload_bytes:
         raise FrameRefused(f"payload of {payload} bytes exceeds the limit of {max_payload_bytes}")
+    if codec is not None and frame.codec_id == codec.codec_id:
+        if not 0 <= frame.rate_level < codec.config.rate_levels:
+            raise FrameRefused(f"rate level {frame.rate_level} outside 0..{codec.config.rate_levels - 1}")
+        shape = (grid.channels, grid.height_cells, grid.width_cells)
+        if frame.tile_count != codec.tile_count(shape):
+            raise FrameRefused(f"tile count {frame.tile_count} != {codec.tile_count(shape)} of this codec")
+    elif frame.codec_id != RAW_CODEC_ID:
+        known = [RAW_CODEC_ID] + ([codec.codec_id] if codec is not None else [])
+        raise FrameRefused(f"unknown codec id {frame.codec_id!r} (this node decodes {', '.join(known)})")
+    return world_from_agent
+
+
+def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCodec | None, grid: GridSpec,
+                 receive_time_ns: int, max_payload_bytes: int, device: torch.device) -> Contribution:
+    """Check ``frame`` against this node's grid and codec and decode its features.
+
+    Raises:
+        FrameRefused: what :func:`check_frame` refuses, non-finite values, or no decodable tile.
+    """
+    t0 = time.perf_counter()
+    world_from_agent = check_frame(frame, codec=codec, grid=grid, max_payload_bytes=max_payload_bytes)
+    payload = sum(len(t.payload) for t in frame.tiles)
     shape = (grid.channels, grid.height_cells, grid.width_cells)
     refused = 0
     if frame.codec_id == RAW_CODEC_ID:
         features, valid = _raw_features(frame, shape, device)
-    elif codec is not None and frame.codec_id == codec.codec_id:
-        if not 0 <= frame.rate_level < codec.config.rate_levels:
-            raise FrameRefused(f"rate level {frame.rate_level} outside 0..{codec.config.rate_levels - 1}")
-        if frame.tile_count != codec.tile_count(shape):
-            raise FrameRefused(f"tile count {frame.tile_count} != {codec.tile_count(shape)} of this codec")
+    else:
         tiles = tuple(CodedTile(t.index, t.payload, t.crc32, t.relevance) for t in frame.tiles)
         features, valid, report = codec.decode(CodedFrame(frame.rate_level, shape, tiles), device=device)
         refused = len(report.refused)
         if not report.decoded and frame.tiles:
             raise FrameRefused(f"no tile decoded: {report.refused[0][1]}")
-    else:
-        known = [RAW_CODEC_ID] + ([codec.codec_id] if codec is not None else [])
-        raise FrameRefused(f"unknown codec id {frame.codec_id!r} (this node decodes {', '.join(known)})")
     try:
         detections = boxes_from_proto(frame.detections)
     except (TypeError, ValueError) as err:

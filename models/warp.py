@@ -65,7 +65,9 @@ class AttentionMerge(nn.Module):
     """Per-cell softmax over agents of a learned confidence (a 1x1 conv of each agent's features).
 
     Agents that do not cover a cell get no weight there; a cell nobody covers
-    is zero. With one agent it returns that agent's features unchanged.
+    is zero. With one agent it returns that agent's features unchanged. A coverage between
+    0 and 1 (evidence weighted down, e.g. by age) scales that agent's share before the
+    softmax normalises: ``w_i = c_i exp(s_i) / sum_j c_j exp(s_j)``.
     """
 
     def __init__(self, channels: int) -> None:
@@ -73,6 +75,7 @@ class AttentionMerge(nn.Module):
         self.score = nn.Conv2d(channels, 1, kernel_size=1)
 
     def forward(self, features: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
-        logits = self.score(features).masked_fill(coverage <= 0, float("-inf"))  # [N, 1, H, W]
+        prior = torch.log(coverage.clamp_min(1e-6))  # 0 where coverage is 1: the binary case is unchanged
+        logits = (self.score(features) + prior).masked_fill(coverage <= 0, float("-inf"))  # [N, 1, H, W]
         weights = torch.nan_to_num(torch.softmax(logits, dim=0), nan=0.0)
         return (weights * features).sum(dim=0, keepdim=True)

@@ -195,20 +195,22 @@ class FeatureFrame(_message.Message):
     def __init__(self, agent_id: _Optional[int] = ..., session_id: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time_ns: _Optional[int] = ..., send_time_ns: _Optional[int] = ..., pose: _Optional[_Union[Pose, _Mapping]] = ..., calibration: _Optional[_Union[SensorCalibration, _Mapping]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., rate_level: _Optional[int] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., tile_count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., auth_token: _Optional[str] = ...) -> None: ...
 
 class LinkReport(_message.Message):
-    __slots__ = ("window_ms", "loss_fraction", "delivered_bitrate_bps", "rtt_ms", "frames_late", "last_sequence")
+    __slots__ = ("window_ms", "loss_fraction", "delivered_bitrate_bps", "rtt_ms", "frames_late", "last_sequence", "queueing_delay_ms")
     WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FRACTION_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_BITRATE_BPS_FIELD_NUMBER: _ClassVar[int]
     RTT_MS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_LATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    QUEUEING_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     window_ms: float
     loss_fraction: float
     delivered_bitrate_bps: int
     rtt_ms: float
     frames_late: int
     last_sequence: int
-    def __init__(self, window_ms: _Optional[float] = ..., loss_fraction: _Optional[float] = ..., delivered_bitrate_bps: _Optional[int] = ..., rtt_ms: _Optional[float] = ..., frames_late: _Optional[int] = ..., last_sequence: _Optional[int] = ...) -> None: ...
+    queueing_delay_ms: float
+    def __init__(self, window_ms: _Optional[float] = ..., loss_fraction: _Optional[float] = ..., delivered_bitrate_bps: _Optional[int] = ..., rtt_ms: _Optional[float] = ..., frames_late: _Optional[int] = ..., last_sequence: _Optional[int] = ..., queueing_delay_ms: _Optional[float] = ...) -> None: ...
 
 class Control(_message.Message):
     __slots__ = ("target_bitrate_bps", "target_rate_level", "target_frame_rate_hz", "pose_correction", "pose_correction_sequence", "link")
@@ -227,7 +229,7 @@ class Control(_message.Message):
     def __init__(self, target_bitrate_bps: _Optional[int] = ..., target_rate_level: _Optional[int] = ..., target_frame_rate_hz: _Optional[float] = ..., pose_correction: _Optional[_Union[Pose, _Mapping]] = ..., pose_correction_sequence: _Optional[int] = ..., link: _Optional[_Union[LinkReport, _Mapping]] = ...) -> None: ...
 
 class AgentContribution(_message.Message):
-    __slots__ = ("agent_id", "status", "sequence", "age_ms", "tiles_fresh", "tiles_substituted", "tiles_dropped")
+    __slots__ = ("agent_id", "status", "sequence", "age_ms", "tiles_fresh", "tiles_substituted", "tiles_dropped", "substituted_age_ms", "substituted_max_age_ms", "chunks_missing")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +237,9 @@ class AgentContribution(_message.Message):
     TILES_FRESH_FIELD_NUMBER: _ClassVar[int]
     TILES_SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
     TILES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTED_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTED_MAX_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_MISSING_FIELD_NUMBER: _ClassVar[int]
     agent_id: int
     status: ContributionStatus
     sequence: int
@@ -242,7 +247,10 @@ class AgentContribution(_message.Message):
     tiles_fresh: int
     tiles_substituted: int
     tiles_dropped: int
-    def __init__(self, agent_id: _Optional[int] = ..., status: _Optional[_Union[ContributionStatus, str]] = ..., sequence: _Optional[int] = ..., age_ms: _Optional[float] = ..., tiles_fresh: _Optional[int] = ..., tiles_substituted: _Optional[int] = ..., tiles_dropped: _Optional[int] = ...) -> None: ...
+    substituted_age_ms: float
+    substituted_max_age_ms: float
+    chunks_missing: int
+    def __init__(self, agent_id: _Optional[int] = ..., status: _Optional[_Union[ContributionStatus, str]] = ..., sequence: _Optional[int] = ..., age_ms: _Optional[float] = ..., tiles_fresh: _Optional[int] = ..., tiles_substituted: _Optional[int] = ..., tiles_dropped: _Optional[int] = ..., substituted_age_ms: _Optional[float] = ..., substituted_max_age_ms: _Optional[float] = ..., chunks_missing: _Optional[int] = ...) -> None: ...
 
 class LinkStats(_message.Message):
     __slots__ = ("agent_id", "transport", "frames_received", "frames_refused", "frames_late", "chunks_received", "chunks_missing", "tiles_corrupt", "bytes_received", "loss_fraction", "delivered_bitrate_bps", "rtt_ms", "last_sequence", "last_receive_time_ns")

@@ -139,3 +139,54 @@ def grid_from_proto(spec: BevGridSpec) -> GridSpec:
                            f"{spec.cell_size_m} m over x [{spec.x_min_m}, {spec.x_max_m}], "
                            f"y [{spec.y_min_m}, {spec.y_max_m}]")
     return grid
+
+
+CHUNK_HEADER_SLACK_BYTES = 24
+"""Room kept in a chunk for the chunk fields and tile framing that the size estimate leaves out."""
+
+
+def split_frame(frame: FeatureFrame, max_chunk_bytes: int = 1100) -> list[FeatureFrame]:
+    """Split a frame into chunks of at most about ``max_chunk_bytes`` that each decode alone.
+
+    Every chunk is a ``FeatureFrame`` with the frame's header (agent, session, sequence, times,
+    pose, grid, codec, tile count) and a disjoint set of *whole* tiles, packed most relevant
+    first so that the first chunks carry what matters most. Chunk 0 also carries the object
+    list (its surest boxes, as many as fit), calibration and credential. A tile larger than a
+    chunk gets a chunk of its own.
+    A frame that fits in one chunk is returned as it is (``chunk_count`` 0: unchunked).
+    """
+    if max_chunk_bytes < 200:
+        raise FramingError(f"max_chunk_bytes {max_chunk_bytes} is too small for a chunk header")
+    if frame.ByteSize() <= max_chunk_bytes:
+        return [frame]
+    header = FeatureFrame()
+    header.CopyFrom(frame)
+    del header.tiles[:]
+    del header.detections[:]
+    header.ClearField("calibration")
+    header.auth_token = ""
+    first = FeatureFrame()
+    first.CopyFrom(header)
+    budget = max_chunk_bytes - CHUNK_HEADER_SLACK_BYTES
+    for box in sorted(frame.detections, key=lambda b: -b.score):  # the surest boxes, as many as fit
+        if first.ByteSize() + box.ByteSize() + 3 > budget:
+            break
+        first.detections.append(box)
+    if frame.HasField("calibration"):
+        first.calibration.CopyFrom(frame.calibration)
+    first.auth_token = frame.auth_token
+    chunks: list[FeatureFrame] = [first]
+    size = first.ByteSize()
+    for tile in sorted(frame.tiles, key=lambda t: (-t.relevance, t.index)):
+        tile_bytes = tile.ByteSize() + 3  # field tag and length prefix
+        if size + tile_bytes > budget and len(chunks[-1].tiles) + len(chunks[-1].detections) > 0:
+            chunk = FeatureFrame()
+            chunk.CopyFrom(header)
+            chunks.append(chunk)
+            size = chunk.ByteSize()
+        chunks[-1].tiles.append(tile)
+        size += tile_bytes
+    for index, chunk in enumerate(chunks):
+        chunk.chunk_index = index
+        chunk.chunk_count = len(chunks)
+    return chunks
