@@ -12,6 +12,7 @@ object list, its pose (the BEV frame's place in the world) and the grid spec.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from models.detector import BevDetector, Precision, load_checkpoint
 from models.geometry import transform_points
 from protos import Control, FeatureDtype, FeatureFrame
 from transport import RAW_CODEC_ID, FeatureUplink, GridSpec, LinkError, TlsFiles, feature_frame
+from transport.rate import RateConfig, RateController
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ class SourceConfig(BaseModel):
         return self
 
 
+BOX_WIRE_BYTES = 48
+"""About what one ``Box3D`` of the object list takes on the wire."""
 WARM_UP_PASSES = 3
 """Untimed passes over the first frame before streaming starts."""
 
@@ -118,7 +122,16 @@ class AgentNodeConfig(BaseModel):
 
     agent_id: int
     fusion: str = "127.0.0.1:50051"
-    """The fusion node's ``host:port``."""
+    """The fusion node's ``host:port`` (gRPC)."""
+    transport: Literal["grpc", "webrtc"] = "grpc"
+    """``grpc``: one reliable stream (TCP). ``webrtc``: frames split into self-contained chunks on an
+    unordered data channel without retransmission, so a lost chunk costs only its tiles."""
+    webrtc: str = ""
+    """The fusion node's WebRTC signalling URL, e.g. ``http://10.0.0.2:8765`` (``transport: webrtc``)."""
+    max_chunk_bytes: int = Field(1100, ge=300, le=60_000)
+    """Largest chunk on the WebRTC data channel (well under the path MTU)."""
+    rate_control: RateConfig = RateConfig()
+    """Adapt bytes per frame and frame rate to the fusion node's link reports."""
     token: str = ""
     """This agent's token (empty: read from the ``CPSTREAM_TOKEN`` environment variable)."""
     tls: ClientTlsConfig = ClientTlsConfig()
@@ -179,6 +192,8 @@ class AgentCounters:
     frames_sensed: int = 0
     frames_skipped: int = 0
     """Sensor frames passed over because the model was still busy (latest wins)."""
+    frames_rate_skipped: int = 0
+    """Sensor frames not sent because rate control lowered the frame rate."""
     compute_ms: list[float] = field(default_factory=list)
     wire_bytes: list[int] = field(default_factory=list)
     rate_level: int = 0
@@ -203,8 +218,16 @@ class AgentNode:
             raise ValueError(f"rate_level {config.rate_level}: the codec has levels 0..{codec.config.rate_levels - 1}")
         self.counters = AgentCounters(rate_level=config.rate_level)
         self.token = config.token or os.environ.get(TOKEN_ENV, "")
-        self.uplink = FeatureUplink(config.fusion, config.agent_id, self.token, config.tls.files(),
-                                    on_control=self._on_control)
+        if config.transport == "webrtc":
+            if not config.webrtc:
+                raise ValueError("transport webrtc needs the fusion node's signalling URL in 'webrtc'")
+            from transport.webrtc_link import WebRtcUplink  # aiortc is imported only where WebRTC is used
+            self.uplink = WebRtcUplink(config.webrtc, config.agent_id, self.token, on_control=self._on_control,
+                                       max_chunk_bytes=config.max_chunk_bytes)
+        else:
+            self.uplink = FeatureUplink(config.fusion, config.agent_id, self.token, config.tls.files(),
+                                        on_control=self._on_control)
+        self.rate = RateController(config.rate_control, config.rate_hz or 10.0)
         self._stop = asyncio.Event()
         self._link: asyncio.Task | None = None
         # One thread computes every frame: the warm-up's passes then leave that thread's torch and
@@ -212,6 +235,8 @@ class AgentNode:
         self._compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"agent{config.agent_id}")
 
     def _on_control(self, control: Control) -> None:
+        if control.HasField("link") and self.config.rate_control.enabled:
+            self.rate.update(control.link)
         if control.HasField("target_rate_level") and self.codec is not None:
             level = min(max(control.target_rate_level, 0), self.codec.config.rate_levels - 1)
             if level != self.counters.rate_level:
@@ -270,7 +295,15 @@ class AgentNode:
             return feature_frame(codec_id=RAW_CODEC_ID, rate_level=0, tiles=[CodedTile(0, payload, zlib.crc32(payload))],
                                  tile_count=1, feature_dtype=FeatureDtype.FEATURE_DTYPE_FLOAT16 if dtype == np.float16
                                  else FeatureDtype.FEATURE_DTYPE_FLOAT32, **common)
-        coded = self.codec.encode(features, self.counters.rate_level, relevance=self.detector.relevance(out)[0])
+        relevance = self.detector.relevance(out)[0]
+        if self.config.rate_control.enabled:  # the link's budget: the highest level that fits, tiles cut by relevance
+            budget = self.rate.frame_budget_bytes
+            keep = max(0, int(0.15 * budget) // BOX_WIRE_BYTES)
+            common["detections"] = detections[np.argsort(-detections[:, 7], kind="stable")[:keep], :9]
+            coded = self.codec.encode_within(features, max(0, int(0.75 * budget)), relevance=relevance)
+            self.counters.rate_level = coded.level
+        else:
+            coded = self.codec.encode(features, self.counters.rate_level, relevance=relevance)
         return feature_frame(codec_id=self.codec.codec_id, rate_level=coded.level, tiles=coded.tiles,
                              tile_count=self.codec.tile_count(coded.feature_shape), **common)
 
@@ -283,12 +316,18 @@ class AgentNode:
             start_ns = (time.time_ns() // 1_000_000_000 + 1) * 1_000_000_000
         link = self.start_link()
         index = 0
+        last_sent_ns = None
         try:
             while index < frames and not self._stop.is_set():
                 if link.done():
                     link.result()  # raises the link's error
                     break
                 capture_ns = start_ns + index * period_ns if period_ns else time.time_ns()
+                if (period_ns and self.config.rate_control.enabled and last_sent_ns is not None
+                        and capture_ns - last_sent_ns < 1e9 / self.rate.frame_rate_hz - period_ns / 2):
+                    index += 1  # the link pays for fewer frames: this one is not sensed or sent
+                    self.counters.frames_rate_skipped += 1
+                    continue
                 wait_s = (capture_ns - time.time_ns()) / 1e9
                 if wait_s > 0:  # the sensor clock: frame `index` exists from its capture time on
                     try:
@@ -303,6 +342,7 @@ class AgentNode:
                 self.counters.wire_bytes.append(message.ByteSize())
                 self.counters.frames_sensed += 1
                 self.uplink.offer(message)
+                last_sent_ns = capture_ns
                 index += 1
                 if period_ns:  # fell behind the sensor: jump to the newest frame, do not queue
                     newest = (time.time_ns() - start_ns) // period_ns
@@ -321,12 +361,15 @@ class AgentNode:
 
     def report(self) -> dict:
         c, u = self.counters, self.uplink.counters
-        return {"agent_id": self.config.agent_id, "frames_sensed": c.frames_sensed, "frames_skipped": c.frames_skipped,
+        rate = {"enabled": self.config.rate_control.enabled, "reports": self.rate.reports,
+                "congested_reports": self.rate.congested_reports, "target_bps": round(self.rate.target_bps),
+                "frame_rate_hz": round(self.rate.frame_rate_hz, 2)}
+        return {"agent_id": self.config.agent_id, "transport": self.config.transport, "rate_control": rate,
+                "frames_sensed": c.frames_sensed, "frames_skipped": c.frames_skipped,
+                "frames_rate_skipped": c.frames_rate_skipped,
                 "precision": self.precision, "compute_ms": _percentiles(c.compute_ms),
                 "bytes_per_frame": float(np.mean(c.wire_bytes)) if c.wire_bytes else 0.0, "rate_level": c.rate_level,
-                "uplink": {"offered": u.offered, "sent": u.sent, "dropped_stale": u.dropped_stale,
-                           "bytes_sent": u.bytes_sent, "connects": u.connects, "disconnects": u.disconnects,
-                           "last_error": u.last_error}}
+                "uplink": dataclasses.asdict(u)}
 
 
 def _percentiles(values: list[float]) -> dict:

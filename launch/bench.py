@@ -116,8 +116,15 @@ def bench_scale(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def bench_loss(args: argparse.Namespace) -> dict:
+    """Intermediate-fusion AP and latency under real packet loss (and bandwidth caps), per transport mode."""
+    from launch.loss_bench import bench_loss as run
+
+    return run(args)
+
+
 BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec,
-           "scale": bench_scale}
+           "scale": bench_scale, "loss": bench_loss}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -138,5 +145,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--counts", default="2,4,8,16", help="scale: agent counts to run, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="scale: seconds of streaming per agent count")
     parser.add_argument("--fusion-threads", type=int, default=2, help="scale: torch threads of the fusion node")
+    parser.add_argument("--losses", default="0,10,20,30,40", help="loss: packet loss percentages, comma-separated")
+    parser.add_argument("--modes", default="substitution,no_substitution,grpc_tcp",
+                        help="loss: modes to run, comma-separated")
+    parser.add_argument("--caps", default="2mbit",
+                        help="loss: per-agent bandwidth caps (tc rates, e.g. 2mbit,300kbit) run with rate control "
+                             "on and off; empty for none")
+    parser.add_argument("--cap-fixed-level", type=int, default=4,
+                        help="loss: codec rate level of the senders when rate control is off under a cap")
+    parser.add_argument("--rate-level", type=int, default=0, help="loss: codec rate level without rate control")
+    parser.add_argument("--deadline-ms", type=float, default=150.0, help="loss: the fusion node's slot deadline")
+    parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
     add_world_options(parser)
     parser.set_defaults(func=cmd_bench)

@@ -83,6 +83,11 @@ class LaunchConfig(BaseModel):
     slot then never waits behind the agents' work on the next one)."""
     deadline_grace_s: float = Field(3.0, ge=0.0)
     """After the agents finish, how long to wait for the last slots to be fused."""
+    agent_netns: dict[int, str] = {}
+    """Agent id -> Linux network namespace to run that agent in (``ip netns exec``; needs root), e.g. one
+    joined to the fusion node's by an impaired link (``cpstream bench loss`` sets this up)."""
+    agent_fusion_host: dict[int, str] = {}
+    """Agent id -> the address at which that agent reaches the fusion node (default: the fusion's listen host)."""
 
 
 @dataclass
@@ -160,14 +165,16 @@ class Child:
         self.name, self.process, self.report = name, process, report
 
     @classmethod
-    async def spawn(cls, name: str, role: str, config: dict, run_dir: Path, niceness: int = 0) -> Child:
+    async def spawn(cls, name: str, role: str, config: dict, run_dir: Path, niceness: int = 0,
+                    netns: str | None = None) -> Child:
         config_path, report = run_dir / f"{name}.json", run_dir / f"{name}-report.json"
         config_path.write_text(json.dumps(config, default=str))
         # `nice` rather than a preexec hook: without one, the child is started without fork() and
         # gRPC's fork handlers (and their warnings) stay out of it.
         nice = ["nice", "-n", str(niceness)] if niceness else []
+        namespace = ["ip", "netns", "exec", netns] if netns else []
         process = await asyncio.create_subprocess_exec(
-            *nice, sys.executable, "-m", "launch.cli", role, "--config", str(config_path), "--report", str(report),
+            *namespace, *nice, sys.executable, "-m", "launch.cli", role, "--config", str(config_path), "--report", str(report),
             "--handshake", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         return cls(name, process, report)
@@ -312,17 +319,25 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     try:
         address = fusion_cfg.get("listen", FusionConfig().listen)
         fusion = None
+        webrtc_port = None
         if config.fusion is not None:
             fusion = await Child.spawn("fusion", "fusion", fusion_cfg, run_dir)
             children.append(fusion)
             ready = await _ready_or_stop(fusion, stop)
+            webrtc_port = ready.get("webrtc_port")
             address = f"{address.rsplit(':', 1)[0]}:{ready['port']}"
-            await wait_serving(address)
+            await wait_serving(address.replace("0.0.0.0:", "127.0.0.1:"))
         agents: list[Child] = []
         for entry in ([{"agent_id": a} for a in agent_ids] if config.agents == "all" else (config.agents or [])):
-            agent_cfg = {**config.agent_defaults, **entry, "fusion": entry.get("fusion", address),
-                         "rate_hz": config.rate_hz}
-            agent_id = int(agent_cfg["agent_id"])
+            agent_id = int(entry["agent_id"])
+            host = config.agent_fusion_host.get(agent_id, address.rsplit(":", 1)[0])
+            agent_cfg = {**config.agent_defaults, **entry,
+                         "fusion": entry.get("fusion", f"{host}:{address.rsplit(':', 1)[1]}"), "rate_hz": config.rate_hz}
+            if agent_cfg.get("transport") == "webrtc" and "webrtc" not in entry:
+                if webrtc_port is None:
+                    raise ValueError(f"agent {agent_id} uses transport webrtc but the fusion node has no "
+                                     "webrtc_listen (set fusion.webrtc_listen, e.g. 0.0.0.0:0)")
+                agent_cfg["webrtc"] = f"http://{host}:{webrtc_port}"
             if tokens and "token" not in entry:
                 agent_cfg["token"] = tokens.get(agent_id, "")
             if frames is not None:
@@ -331,7 +346,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
                 agent_cfg["source"] = ({"kind": "folder", "folder": str(folder)} if folder is not None
                                        else {"kind": "world", "world": world.model_dump(mode="json")})
             AgentNodeConfig.model_validate(agent_cfg)  # fail here, naming the field, not in a child
-            child = await Child.spawn(f"agent{agent_id}", "agent", agent_cfg, run_dir, config.agent_niceness)
+            child = await Child.spawn(f"agent{agent_id}", "agent", agent_cfg, run_dir, config.agent_niceness,
+                                      config.agent_netns.get(agent_id))
             children.append(child)
             agents.append(child)
         for child in agents:
@@ -347,7 +363,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
             if record_path is not None:  # --record: the session to MCAP (launch/record.py)
                 recorder = Recorder(record_path, folder=folder, truth=truth, start_slot=start_slot,
                                     period_ns=period_ns, agent_ids=agent_ids, fusion=fusion_cfg)
-            subscriber = asyncio.create_task(_collect(address, progress_, truth, start_slot, recorder))
+            subscriber = asyncio.create_task(_collect(address.replace("0.0.0.0:", "127.0.0.1:"), progress_, truth,
+                                                      start_slot, recorder))
         with Live(_table(progress_, started, agent_ids), console=console, refresh_per_second=2,
                   transient=not console.is_terminal) as live:
             # Run until the agents are done; with no agents (a fusion-only launch) until Ctrl-C or the node exits.
@@ -412,14 +429,17 @@ async def _last_slot(progress_: Progress, slot: int, grace_s: float, stop: async
 
 
 def _write_timeline(path: Path, fused: list[FusedFrame]) -> None:
-    """One line per fused frame beside the report: slot, latency, stage times, each agent's status and age."""
+    """One line per fused frame beside the report: slot, latency, stage times, and per agent its status, the age
+    of its newest evidence (ms), its tiles fresh / substituted / dropped and the substituted tiles' mean age (ms)."""
     with path.open("w") as out:
         for f in fused:
             out.write(json.dumps({
                 "slot": f.sequence, "latency_ms": round(f.latency_ms, 2), "boxes": len(f.boxes),
                 "stages_ms": {s.stage: round(s.duration_ms, 2) for s in f.stage_timings},
                 "agents": {str(c.agent_id): [ContributionStatus.Name(c.status).removeprefix("CONTRIBUTION_STATUS_"),
-                                             round(c.age_ms, 1)] for c in f.contributions}}) + "\n")
+                                             round(c.age_ms, 1), c.tiles_fresh, c.tiles_substituted, c.tiles_dropped,
+                                             round(c.substituted_age_ms, 1)]
+                           for c in f.contributions}}) + "\n")
 
 
 def _report(config: LaunchConfig, children: list[Child], progress_: Progress, truth: GroundTruth | None,
