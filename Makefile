@@ -12,8 +12,15 @@ DEMO_DIR ?= out/demo
 
 setup: $(STAMP)
 
-# open3d needs the system library libusb-1.0-0.
+# open3d needs the system library libusb-1.0-0. The real packet-loss tests and `cpstream bench loss`
+# need nftables (`nft`); without it (or without root) they are skipped with the reason.
 system-deps:
+	@if ! command -v nft >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing nftables (real packet loss for the loss tests and bench)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null 2>&1)) || \
+	  echo "warning: could not install nftables; the real packet-loss tests will be skipped"; \
+	fi
 	@if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing libusb-1.0-0 (needed by open3d)"; \

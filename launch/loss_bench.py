@@ -1,7 +1,7 @@
 """``cpstream bench loss``: intermediate-fusion AP and latency under real packet loss and bandwidth caps.
 
 The fusion node runs on the ego vehicle: a network namespace (the *hub*) holds the launcher, the
-fusion node and the ego agent, which reaches the node without crossing a radio. Every other agent
+fusion node and the ego agent, which reaches the node over a local gRPC link without crossing a radio. Every other agent
 runs in its own namespace, joined to the hub by its own veth pair (``transport.impair``), so
 loss and caps are per agent link, as with one radio per vehicle. Each run is a real
 ``cpstream launch`` of the held-out world; loss is switched on (nftables, random drop of every
@@ -58,8 +58,11 @@ def _launch_config(args: argparse.Namespace, world: dict, net: NetnsTopology, eg
     agent = {"detector": "models/checkpoints/mobiledet_tiny.pt", "codec": "models/checkpoints/codec_mobiledet_tiny.pt",
              "rate_level": args.rate_level, "threads": 1, "precision": "auto",
              "transport": "webrtc" if webrtc else "grpc", "rate_control": {"enabled": rate_control}}
+    # The ego's agent runs beside the fusion node in the same vehicle: a local gRPC link in every mode.
+    agents = [{"agent_id": ego, "transport": "grpc", "rate_control": {"enabled": False}},
+              *({"agent_id": a} for a in remotes)]
     return {"world": world, "rate_hz": 10, "agent_niceness": 5, "fusion": fusion, "agent_defaults": agent,
-            "agents": "all", "agent_netns": {str(a): net.remote(k) for k, a in enumerate(remotes)},
+            "agents": agents, "agent_netns": {str(a): net.remote(k) for k, a in enumerate(remotes)},
             "agent_fusion_host": {str(ego): net.hub_address(0),
                                   **{str(a): net.hub_address(k) for k, a in enumerate(remotes)}}}
 

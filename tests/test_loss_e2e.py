@@ -1,0 +1,40 @@
+"""End to end under real packet loss: ``cpstream launch`` with agents in their own network namespaces,
+streaming over WebRTC through veth links on which nftables drops packets at random.
+
+The same code path as ``cpstream bench loss`` (launch/loss_bench.py), one short run: it needs root,
+``ip``, ``nft`` and ``tc`` and is skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from launch.loss_bench import _launch_config, _run, _summarise
+from transport.impair import NetnsTopology, impairment_unavailable
+
+pytestmark = pytest.mark.e2e
+
+REASON = impairment_unavailable()
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"real packet loss unavailable: {REASON}")
+def test_webrtc_agents_under_real_loss_are_fused_with_substituted_tiles(tmp_path) -> None:
+    args = argparse.Namespace(deadline_ms=150.0, max_age_ms=300.0, rate_level=0)
+    world = {"seed": 4, "agents": 3, "frames": 30}
+    with NetnsTopology(2, prefix="cpe") as net:
+        config = _launch_config(args, world, net, 0, [1, -1], "substitution", rate_control=False)
+        result = _run(config, net, 30.0, None, tmp_path, "e2e")
+    summary = _summarise(result, [1, -1])
+    report = result["report"]
+    assert summary["frames_fused"] >= 25, summary
+    assert 0.2 <= summary["measured_drop_share"] <= 0.4, summary  # the drops were real (nftables counters)
+    assert summary["substituted_share"] > 0.05, summary  # lost tiles were filled from earlier frames
+    for agent in ("1", "-1"):
+        fusion_side = report["agents"][agent]["fusion"]
+        assert fusion_side["transport"] == "webrtc" and fusion_side["chunks_refused"] == 0
+        assert fusion_side["frames_received"] >= 20
+        assert report["agents"][agent]["uplink"]["chunks_sent"] > fusion_side["chunks_received"]  # chunks were lost
+    assert report["agents"]["0"]["fusion"]["transport"] == "grpc"
+    assert summary["ap"]["0.5"] is not None and summary["ap"]["0.5"] > 0.5, summary
