@@ -431,7 +431,8 @@ class FusionNode(FusionServicer):
 
     def _delivered(self, slot: int, now_ns: int) -> tuple[bool, int | None]:
         """Whether every connected agent has delivered ``slot`` (a settled frame for it, or any later
-        frame), and when a frame still arriving would settle by its grace period alone."""
+        frame) or is not worth waiting for any more (nothing of the slot's frame has come although
+        the link's recent frames had begun to arrive by now), and when to look again."""
         wake = None
         for agent in self.connected:
             state = self.agents.get(agent)
@@ -442,6 +443,11 @@ class FusionNode(FusionServicer):
                 continue
             frame = slots.get(slot)
             if frame is None:
+                give_up = state.buffer.give_up_time_ns(slot * self.period_ns, self.config.chunk_grace_ms)
+                if give_up is not None and now_ns >= give_up:
+                    continue  # lost (or far behind): fused without it, substituted if possible
+                if give_up is not None:
+                    wake = give_up if wake is None else min(wake, give_up)
                 return False, wake
             if not state.buffer.settled(frame, now_ns):
                 settle = state.buffer.settle_time_ns(frame)

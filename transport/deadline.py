@@ -101,6 +101,7 @@ class AgentBuffer:
     chunks_refused: int = 0
     _arrivals: deque[_Arrival] = field(default_factory=deque)
     _min_delay_ns: int | None = None
+    _first_chunk_delays: deque[int] = field(default_factory=lambda: deque(maxlen=100))
 
     def add(self, chunk: FeatureFrame, receive_ns: int, wire_bytes: int) -> Assembly:
         """Check ``chunk`` and add it to its frame; returns that frame.
@@ -156,6 +157,7 @@ class AgentBuffer:
             del header.detections[:]
             header.auth_token = ""
             assembly = Assembly(header, count, first_receive_ns=receive_ns)
+            self._first_chunk_delays.append(receive_ns - chunk.capture_time_ns)
         else:
             if count != assembly.chunk_count:
                 raise ChunkRefused(f"chunk count {count} contradicts {assembly.chunk_count} of frame {sequence}")
@@ -190,6 +192,16 @@ class AgentBuffer:
         coming ``chunk_grace_ms`` ago, or a later frame has begun to arrive."""
         return (assembly.complete or now_ns - assembly.last_receive_ns >= self.chunk_grace_ms * 1e6
                 or self.newest_sequence > assembly.sequence)
+
+    def give_up_time_ns(self, capture_time_ns: int, margin_ms: float, quantile: float = 0.95) -> int | None:
+        """When a frame captured at ``capture_time_ns`` of which nothing has arrived is no longer
+        worth waiting for: the ``quantile`` of this link's recent first-chunk delays (capture to
+        arrival, sender and receiver clocks as they are) plus ``margin_ms``. ``None`` until 20
+        frames have been seen."""
+        if len(self._first_chunk_delays) < 20:
+            return None
+        delays = sorted(self._first_chunk_delays)
+        return capture_time_ns + delays[min(len(delays) - 1, int(quantile * len(delays)))] + int(margin_ms * 1e6)
 
     def settle_time_ns(self, assembly: Assembly) -> int:
         """When ``assembly`` settles by the grace period alone."""
