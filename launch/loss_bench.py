@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,9 +125,11 @@ def _summarise(result: dict, remotes: list[int]) -> dict:
         "substituted_share": round(substituted / tiles, 4) if tiles else 0.0,
         "remote_statuses": statuses,
         "frames_fused": report["frames_fused"],
+        "stage_ms": report.get("stage_ms"),
         "measured_drop_share": round(dropped / seen, 4) if seen else 0.0,
         "bytes_per_frame": report["bytes_per_frame"],
-        "agents": {a: {"fusion": v.get("fusion", {}), "uplink": v.get("uplink", {}),
+        "agents": {a: {"compute_ms": v.get("compute_ms"), "frames_skipped": v.get("frames_skipped"),
+                       "fusion": v.get("fusion", {}), "uplink": v.get("uplink", {}),
                        "rate_control": v.get("rate_control", {}), "frames_rate_skipped": v.get("frames_rate_skipped")}
                    for a, v in report["agents"].items()},
     }
@@ -136,7 +139,12 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # so that the namespaces are deleted on SIGTERM too
+
+
 def bench_loss(args: argparse.Namespace) -> dict:
+    signal.signal(signal.SIGTERM, _interrupt)
     reason = impairment_unavailable()
     if reason is not None:
         raise RuntimeError(f"bench loss needs real network impairment (root, ip, nft, tc): {reason}")

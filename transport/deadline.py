@@ -102,6 +102,8 @@ class AgentBuffer:
     _arrivals: deque[_Arrival] = field(default_factory=deque)
     _min_delay_ns: int | None = None
     _first_chunk_delays: deque[int] = field(default_factory=lambda: deque(maxlen=100))
+    _spreads: deque[int] = field(default_factory=lambda: deque(maxlen=100))
+    """First to last chunk arrival of recent complete multi-chunk frames, ns."""
 
     def add(self, chunk: FeatureFrame, receive_ns: int, wire_bytes: int) -> Assembly:
         """Check ``chunk`` and add it to its frame; returns that frame.
@@ -185,13 +187,14 @@ class AgentBuffer:
         assembly.last_send_ns = max(assembly.last_send_ns, chunk.send_time_ns)
         assembly.wire_bytes += wire_bytes
         assembly.revision += 1
+        if assembly.complete and assembly.chunk_count > 1:
+            self._spreads.append(receive_ns - assembly.first_receive_ns)
         return assembly
 
     def settled(self, assembly: Assembly, now_ns: int) -> bool:
-        """Whether waiting longer for ``assembly`` is pointless: complete, its chunks stopped
-        coming ``chunk_grace_ms`` ago, or a later frame has begun to arrive."""
-        return (assembly.complete or now_ns - assembly.last_receive_ns >= self.chunk_grace_ms * 1e6
-                or self.newest_sequence > assembly.sequence)
+        """Whether waiting longer for ``assembly`` is pointless: complete, past :meth:`settle_time_ns`,
+        or a later frame has begun to arrive."""
+        return assembly.complete or now_ns >= self.settle_time_ns(assembly) or self.newest_sequence > assembly.sequence
 
     def give_up_time_ns(self, capture_time_ns: int, margin_ms: float, quantile: float = 0.95) -> int | None:
         """When a frame captured at ``capture_time_ns`` of which nothing has arrived is no longer
@@ -204,8 +207,16 @@ class AgentBuffer:
         return capture_time_ns + delays[min(len(delays) - 1, int(quantile * len(delays)))] + int(margin_ms * 1e6)
 
     def settle_time_ns(self, assembly: Assembly) -> int:
-        """When ``assembly`` settles by the grace period alone."""
-        return assembly.last_receive_ns + int(self.chunk_grace_ms * 1e6)
+        """When an incomplete ``assembly`` stops being waited for: once the link's complete frames
+        would all have been complete (their first-to-last chunk spread, p95, + 3 ms, after this
+        frame's first chunk), but never before 2 ms after its last chunk nor later than
+        ``chunk_grace_ms`` after it (the rule alone until 20 complete frames have been seen)."""
+        grace = assembly.last_receive_ns + int(self.chunk_grace_ms * 1e6)
+        if len(self._spreads) < 20:
+            return grace
+        spreads = sorted(self._spreads)
+        expected = assembly.first_receive_ns + spreads[int(0.95 * (len(spreads) - 1))] + 3_000_000
+        return min(grace, max(assembly.last_receive_ns + 2_000_000, expected))
 
     def _forget(self, now_ns: int) -> None:
         horizon = now_ns - int(self.window_ms * 1e6)
