@@ -60,7 +60,7 @@ def _launch_config(args: argparse.Namespace, world: dict, net: NetnsTopology, eg
              "rate_level": args.rate_level, "threads": 1, "precision": "auto",
              "transport": "webrtc" if webrtc else "grpc", "rate_control": {"enabled": rate_control}}
     # The ego's agent runs beside the fusion node in the same vehicle: a local gRPC link in every mode.
-    agents = [{"agent_id": ego, "transport": "grpc", "rate_control": {"enabled": False}},
+    agents = [{"agent_id": ego, "transport": "grpc", "rate_control": {"enabled": False}, "rate_level": args.rate_level},
               *({"agent_id": a} for a in remotes)]
     return {"world": world, "rate_hz": 10, "agent_niceness": 5, "fusion": fusion, "agent_defaults": agent,
             "agents": agents, "agent_netns": {str(a): net.remote(k) for k, a in enumerate(remotes)},

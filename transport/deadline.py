@@ -248,10 +248,14 @@ class AgentBuffer:
         report.queueing_delay_ms = self.queueing_delay_ms(now_ns)
         return report
 
-    def queueing_delay_ms(self, now_ns: int) -> float:
-        """Median one-way delay in the window above the smallest ever seen (a queue building up), ms."""
+    def queueing_delay_ms(self, now_ns: int, recent_ms: float = 500.0) -> float:
+        """One-way delay above the smallest ever seen (a queue building up on the path), ms: the 90th
+        percentile over the chunks of the last ``recent_ms`` (a queue shows in its tail first)."""
         self._forget(now_ns)
-        if self._min_delay_ns is None or not self._arrivals:
+        if self._min_delay_ns is None:
             return 0.0
-        delays = sorted(a.delay_ns for a in self._arrivals)
-        return (delays[len(delays) // 2] - self._min_delay_ns) / 1e6
+        horizon = now_ns - int(recent_ms * 1e6)
+        delays = sorted(a.delay_ns for a in self._arrivals if a.receive_ns >= horizon)
+        if not delays:
+            return 0.0
+        return (delays[int(0.9 * (len(delays) - 1))] - self._min_delay_ns) / 1e6

@@ -37,13 +37,13 @@ class RateConfig(BaseModel):
     start_bitrate_bps: int = Field(1_000_000, gt=0)
     max_bitrate_bps: int = Field(8_000_000, gt=0)
     min_bitrate_bps: int = Field(16_000, gt=0)
-    congested_ms: float = Field(60.0, gt=0.0)
+    congested_ms: float = Field(40.0, gt=0.0)
     """Queueing delay above which the link counts as congested."""
-    clear_ms: float = Field(20.0, ge=0.0)
+    clear_ms: float = Field(10.0, ge=0.0)
     """Queueing delay below which the rate may grow."""
-    decrease: float = Field(0.85, gt=0.0, lt=1.0)
+    decrease: float = Field(0.8, gt=0.0, lt=1.0)
     """On congestion the target becomes this share of the delivered bitrate."""
-    increase: float = Field(1.08, gt=1.0)
+    increase: float = Field(1.05, gt=1.0)
     """Growth of the target per clear report."""
     min_frame_bytes: int = Field(1200, gt=0)
     """Below this budget per frame, the frame rate drops instead."""
