@@ -152,6 +152,9 @@ def full_fused_frame(sequence: int = 1) -> protos.FusedFrame:
                 tiles_fresh=60,
                 tiles_substituted=3,
                 tiles_dropped=1,
+                substituted_age_ms=100.0,
+                substituted_max_age_ms=200.0,
+                chunks_missing=2,
             ),
             protos.AgentContribution(
                 agent_id=-3,
@@ -161,6 +164,9 @@ def full_fused_frame(sequence: int = 1) -> protos.FusedFrame:
                 tiles_fresh=20,
                 tiles_substituted=40,
                 tiles_dropped=4,
+                substituted_age_ms=50.0,
+                substituted_max_age_ms=50.0,
+                chunks_missing=1,
             ),
         ],
         link_stats=[
