@@ -52,6 +52,7 @@ class EvidenceMemory:
         self.capture_ms: torch.Tensor | None = None  # [1, 1, h, w], NEVER where empty
         self.world_from_memory: np.ndarray | None = None
         self.newest_capture_ns = 0
+        self.cell_m = 0.0
 
     def _ms(self, time_ns: int) -> float:
         return (time_ns - self.origin_ns) / 1e6
@@ -60,14 +61,34 @@ class EvidenceMemory:
         """``tensor`` (in the old frame) resampled into the memory's frame, ``fill`` outside."""
         if np.allclose(memory_from_old, np.eye(4), atol=1e-6):
             return tensor
+        shift = self._whole_cell_shift(memory_from_old)
+        if shift is not None:  # the usual case: a copy of a shifted window, no resampling
+            dx, dy = shift  # the old frame's origin in the memory's frame, in cells
+            out = torch.full_like(tensor, fill)
+            h, w = tensor.shape[-2:]
+            if abs(dx) < w and abs(dy) < h:
+                out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                    tensor[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+            return out
         pose = torch.as_tensor(memory_from_old, dtype=torch.float32, device=tensor.device)[None]
         moved, inside = warp_to_ego(tensor.float(), pose, self.grid, mode="nearest")
         return torch.where(inside > 0, moved, torch.full_like(moved, fill))
+
+    def _whole_cell_shift(self, memory_from_old: np.ndarray) -> tuple[int, int] | None:
+        """(columns, rows) when ``memory_from_old`` is a planar translation by whole cells, else ``None``."""
+        if not np.allclose(memory_from_old[:3, :3], np.eye(3), atol=1e-6):
+            return None
+        cells = memory_from_old[:2, 3] / self.cell_m
+        whole = np.round(cells)
+        if not np.allclose(cells, whole, atol=1e-4):
+            return None
+        return int(whole[0]), int(whole[1])
 
     def take(self, features: torch.Tensor, arrived: torch.Tensor, world_from_agent: np.ndarray,
              capture_time_ns: int) -> None:
         """Take in one frame: ``features`` ``[1, C, h, w]``, ``arrived`` ``[1, 1, h, w]`` (1 where its tiles came)."""
         capture = self._ms(capture_time_ns)
+        self.cell_m = (self.grid.x_max_m - self.grid.x_min_m) / features.shape[-1]
         if self.features is None:
             self.features = torch.zeros_like(features)
             self.capture_ms = torch.full_like(arrived, NEVER, dtype=torch.float32)

@@ -154,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--cap-fixed-level", type=int, default=4,
                         help="loss: codec rate level of the senders when rate control is off under a cap")
     parser.add_argument("--rate-level", type=int, default=0, help="loss: codec rate level without rate control")
+    parser.add_argument("--repeats", type=int, default=1, help="loss: runs per setting (medians are reported)")
     parser.add_argument("--deadline-ms", type=float, default=150.0, help="loss: the fusion node's slot deadline")
     parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
     add_world_options(parser)

@@ -15,7 +15,7 @@ Modes:
 - ``grpc_tcp``: gRPC over TCP on the same impaired link (retransmission; no loss reaches the
   receiver, delay does).
 
-Per run: AP@0.5/0.7 of the fused frames against the world's ground truth; ``latency_ms`` capture
+Per setting (medians over ``--repeats`` runs, every run kept under ``trials``): AP@0.5/0.7 of the fused frames against the world's ground truth; ``latency_ms`` capture
 to fused output (p50, p99); ``remote_age_ms`` the age at fusion of the newest evidence used from
 the remote agents (p50, p99: how stale the other vehicles' view is); ``substituted_share`` the
 share of the remote agents' tiles that were substituted; the real drop share from the nftables
@@ -135,6 +135,21 @@ def _summarise(result: dict, remotes: list[int]) -> dict:
     }
 
 
+def _median(trials: list[dict]) -> dict:
+    """Medians over repeated runs of one setting (AP, latency, age, shares); every run is kept under ``trials``."""
+    def med(get):
+        values = [v for v in (get(t) for t in trials) if v is not None]
+        return round(float(np.median(values)), 4) if values else None
+
+    out = {"ap": {k: med(lambda t, k=k: t["ap"][k]) for k in ("0.3", "0.5", "0.7")},
+           "latency_ms": {k: med(lambda t, k=k: t["latency_ms"][k]) for k in ("p50", "p99")},
+           "remote_age_ms": {k: med(lambda t, k=k: t["remote_age_ms"][k]) for k in ("p50", "p99")},
+           "substituted_share": med(lambda t: t["substituted_share"]),
+           "measured_drop_share": med(lambda t: t["measured_drop_share"]),
+           "repeats": len(trials), "trials": trials}
+    return out
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
@@ -162,33 +177,39 @@ def bench_loss(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"unknown mode(s) {', '.join(sorted(unknown))}; expected {', '.join(MODES)}")
     caps = [c.strip() for c in args.caps.split(",") if c.strip()]
-    runs, cap_runs = [], []
+    repeats = max(1, args.repeats)
+    trials: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="cpstream-loss-") as tmp, NetnsTopology(len(remotes), prefix="cpl") as net:
         work = Path(tmp)
-        for loss in losses:
-            for mode in modes:
-                name = f"{mode}-{loss:g}"
-                console.print(f"[bold]loss {loss:g} %[/bold], {mode} ...", highlight=False)
-                result = _run(_launch_config(args, world_json, net, ego, remotes, mode, False), net, loss, None,
-                              work, name)
-                runs.append({"loss_pct": loss, "mode": mode, **_summarise(result, remotes)})
-                r = runs[-1]
-                console.print(f"  AP@0.5 {r['ap']['0.5']}  p99 {r['latency_ms']['p99']} ms  remote age p99 "
-                              f"{r['remote_age_ms']['p99']} ms  substituted {r['substituted_share']:.3f}  "
-                              f"dropped {r['measured_drop_share']:.3f}", highlight=False)
-        for cap in caps:
-            for rate_control in (True, False):
-                name = f"cap-{cap}-{'adaptive' if rate_control else 'fixed'}"
-                console.print(f"[bold]cap {cap} per agent[/bold], rate control {'on' if rate_control else 'off'} ...",
-                              highlight=False)
-                cfg = _launch_config(args, world_json, net, ego, remotes, "substitution", rate_control)
-                if not rate_control:
-                    cfg["agent_defaults"]["rate_level"] = args.cap_fixed_level
-                result = _run(cfg, net, 0.0, cap, work, name)
-                cap_runs.append({"cap": cap, "rate_control": rate_control, **_summarise(result, remotes)})
-                r = cap_runs[-1]
-                console.print(f"  AP@0.5 {r['ap']['0.5']}  p99 {r['latency_ms']['p99']} ms  remote age p99 "
-                              f"{r['remote_age_ms']['p99']} ms  bytes/frame {r['bytes_per_frame']}", highlight=False)
+        for repeat in range(repeats):  # repeats outermost: a noisy minute on the machine hits every setting alike
+            for loss in losses:
+                for mode in modes:
+                    name = f"{mode}-{loss:g}-{repeat}"
+                    console.print(f"[bold]loss {loss:g} %[/bold], {mode} (run {repeat + 1}/{repeats}) ...",
+                                  highlight=False)
+                    result = _run(_launch_config(args, world_json, net, ego, remotes, mode, False), net, loss, None,
+                                  work, name)
+                    r = _summarise(result, remotes)
+                    trials.setdefault(("loss", loss, mode), []).append(r)
+                    console.print(f"  AP@0.5 {r['ap']['0.5']}  p99 {r['latency_ms']['p99']} ms  remote age p99 "
+                                  f"{r['remote_age_ms']['p99']} ms  substituted {r['substituted_share']:.3f}  "
+                                  f"dropped {r['measured_drop_share']:.3f}", highlight=False)
+            for cap in caps:
+                for rate_control in (True, False):
+                    name = f"cap-{cap}-{'adaptive' if rate_control else 'fixed'}-{repeat}"
+                    console.print(f"[bold]cap {cap} per agent[/bold], rate control {'on' if rate_control else 'off'} "
+                                  f"(run {repeat + 1}/{repeats}) ...", highlight=False)
+                    cfg = _launch_config(args, world_json, net, ego, remotes, "substitution", rate_control)
+                    if not rate_control:
+                        cfg["agent_defaults"]["rate_level"] = args.cap_fixed_level
+                    r = _summarise(_run(cfg, net, 0.0, cap, work, name), remotes)
+                    trials.setdefault(("cap", cap, rate_control), []).append(r)
+                    console.print(f"  AP@0.5 {r['ap']['0.5']}  p99 {r['latency_ms']['p99']} ms  remote age p99 "
+                                  f"{r['remote_age_ms']['p99']} ms  bytes/frame {r['bytes_per_frame']}", highlight=False)
+    runs = [{"loss_pct": loss, "mode": mode, **_median(trials[("loss", loss, mode)])}
+            for loss in losses for mode in modes]
+    cap_runs = [{"cap": cap, "rate_control": rc, **_median(trials[("cap", cap, rc)])}
+                for cap in caps for rc in (True, False)]
     out = {"world": {**world_json, "ego": ego, "remotes": remotes}, "deadline_ms": args.deadline_ms,
            "max_age_ms": args.max_age_ms, "runs": runs, "cap_runs": cap_runs}
     if args.plot is not None:

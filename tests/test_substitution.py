@@ -17,6 +17,7 @@ import torch
 from agents import AgentNode, AgentNodeConfig, FrameSource, SourceConfig, WorldConfig
 from fusion import FusionConfig, FusionNode
 from fusion.substitute import EvidenceMemory
+from models.warp import warp_to_ego
 from models.codec_train import load_codec
 from models.detector import load_checkpoint
 from protos import ContributionStatus, FeatureFrame, LinkReport
@@ -301,3 +302,21 @@ def test_the_deadline_buffer_learns_when_a_frame_is_complete_or_lost() -> None:
     fresh = AgentBuffer(1, chunk_grace_ms=20.0)  # nothing learnt yet: the grace period alone
     first = fresh.add(FeatureFrame(agent_id=1, sequence=0, capture_time_ns=base, chunk_count=4), base + 5 * ms, 10)
     assert fresh.settle_time_ns(first) == base + 25 * ms and fresh.give_up_time_ns(base, 20.0) is None
+
+
+def test_the_whole_cell_shift_equals_resampling_the_grid(models) -> None:
+    detector, _ = models
+    memory = EvidenceMemory(detector.grid, 10, time_origin_ns=0)
+    features = torch.randn(1, 3, 50, 50)
+    memory.take(features, torch.ones(1, 1, 50, 50), np.eye(4), capture_time_ns=1)  # sets the cell size
+    for dx, dy in ((3, -2), (-7, 5), (0, 11), (60, 0)):
+        move = np.eye(4)
+        move[0, 3], move[1, 3] = dx * memory.cell_m, dy * memory.cell_m
+        assert memory._whole_cell_shift(move) == (dx, dy)
+        shifted = memory._moved(move, features, 0.0)
+        warped, inside = warp_to_ego(features, torch.as_tensor(move, dtype=torch.float32)[None], detector.grid,
+                                     mode="nearest")
+        assert torch.allclose(shifted, torch.where(inside > 0, warped, torch.zeros_like(warped)), atol=1e-6)
+    turned = np.eye(4)
+    turned[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    assert memory._whole_cell_shift(turned) is None  # anything else is resampled
