@@ -81,7 +81,7 @@ def bench_models(args: argparse.Namespace) -> dict:
 
 
 def bench_fusion(args: argparse.Namespace) -> dict:
-    """AP of every fusion mode for every trained backbone, on the same held-out frames."""
+    """AP of every fusion mode for every trained detector checkpoint, on the same held-out frames."""
     from launch.eval_cmd import REPO_ROOT, evaluate, held_out_samples
     from models.cooperative import FUSION_MODES
     from models.detector import load_checkpoint
@@ -97,8 +97,9 @@ def bench_fusion(args: argparse.Namespace) -> dict:
         if key not in samples:
             samples[key] = held_out_samples(args, detector.grid, detector.feature_cell_m)
         for mode in FUSION_MODES:
-            runs.append({"backbone": detector.config.backbone, **evaluate(detector, samples[key], mode)})
-            console.print(f"{detector.config.backbone:>16} {mode:>12}: AP {runs[-1]['ap']}")
+            runs.append({"checkpoint": path.name, "backbone": detector.config.backbone,
+                         "merge": detector.config.merge, **evaluate(detector, samples[key], mode)})
+            console.print(f"{path.stem:>22} ({detector.config.merge} merge) {mode:>12}: AP {runs[-1]['ap']}")
     return {"data": str(args.data) if args.data else f"synthetic seed {args.seed}", "runs": runs}
 
 

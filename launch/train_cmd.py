@@ -18,7 +18,7 @@ from launch.samples import coop_sample
 from models.bev import BevGrid
 from models.cooperative import CoopSample
 from models.detector import DetectorConfig, build_detector
-from models.train import OptimConfig, train
+from models.train import OptimConfig, init_from_checkpoint, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     optim: OptimConfig = OptimConfig()
     checkpoint: Path = Path("models/checkpoints/detector.pt")
     """Relative paths are taken from the repository root."""
+    init_from: Path | None = None
+    """Start from this trained detector's weights (a detector like this one apart from its merge; e.g.
+    a second stage that trains only a new merge, ``optim.trains: merge``)."""
 
 
 def load_train_config(path: Path) -> TrainConfig:
@@ -87,12 +90,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config)
     checkpoint = config.checkpoint if config.checkpoint.is_absolute() else REPO_ROOT / config.checkpoint
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.optim.seed)  # the fresh weights too: a rerun of a config reproduces it
+    detector = build_detector(config.detector)
+    if config.init_from is not None:  # before the data, so a wrong file fails at once
+        source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
+        fresh = init_from_checkpoint(detector, source)
+        console.print(f"starting from {config.init_from} ({len(fresh)} new weights: the {config.detector.merge} merge)")
+    detector = detector.to(device)
     start = time.perf_counter()
     samples = build_samples(config.data, config.detector)
     data_s = time.perf_counter() - start
-    detector = build_detector(config.detector).to(device)
-    console.print(f"{len(samples)} samples in {data_s:.0f} s; training {config.detector.backbone} on {device} "
-                  f"({sum(p.numel() for p in detector.parameters()) / 1e6:.3f} M parameters)")
+    trained = detector.merge if config.optim.trains == "merge" and detector.merge is not None else detector
+    console.print(f"{len(samples)} samples in {data_s:.0f} s; training {config.detector.backbone} "
+                  f"({config.optim.trains}) on {device} "
+                  f"({sum(p.numel() for p in trained.parameters()) / 1e6:.3f} M parameters trained)")
     recent: list[float] = []
     with progress() as bar:
         task = bar.add_task("training", total=config.optim.steps)

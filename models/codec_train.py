@@ -153,9 +153,12 @@ def _check_configs(path: Path, blob: dict, codec_config: CodecConfig | None, det
         saved_codec = CodecConfig.model_validate(blob["codec_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CodecError(f"{path}: not a codec checkpoint: {err}") from err
-    if saved_detector != detector_config:
+    # The codec codes the features agents share; how the fusion node merges them afterwards (a merge
+    # trained later on the same frozen detector, say) does not change what it must code.
+    downstream = {"merge", "nms_iou_threshold"}
+    if saved_detector.model_dump(exclude=downstream) != detector_config.model_dump(exclude=downstream):
         diff = [f"{k}: detector has {v!r}, codec was trained on {getattr(saved_detector, k)!r}"
-                for k, v in detector_config if v != getattr(saved_detector, k)]
+                for k, v in detector_config if k not in downstream and v != getattr(saved_detector, k)]
         raise CodecError(f"{path}: codec was trained for another detector: " + "; ".join(diff))
     if codec_config is not None and saved_codec != codec_config:
         diff = [f"{k}: wanted {v!r}, checkpoint has {getattr(saved_codec, k)!r}"

@@ -21,7 +21,7 @@ from models.backbones import build_bev_backbone, list_backbones
 from models.bev import BevGrid, BevGridConfig
 from models.head import CenterHead, HeadOutput, PeakHeadOutput, decode
 from models.pillars import PillarEncoder
-from models.warp import AttentionMerge, max_merge, warp_to_ego
+from models.warp import AttentionMerge, ContextMerge, max_merge, warp_to_ego
 
 
 Precision = Literal["float32", "bfloat16", "auto"]
@@ -64,8 +64,11 @@ class DetectorConfig(BaseModel):
     fused map learns to combine what the agents sent."""
     head_channels: int = Field(64, ge=4)
     num_classes: int = Field(1, ge=1)
-    merge: Literal["max", "attention"] = "attention"
-    """How intermediate fusion merges agents' features in each cell."""
+    merge: Literal["max", "attention", "context"] = "attention"
+    """How intermediate fusion merges agents' features in each cell: element-wise ``max``, a per-cell
+    ``attention`` over agents (a 1x1 score of each agent's features), or ``context`` attention (scores
+    that see a 3x3 neighbourhood and the other agents, plus a learned correction; see
+    :class:`models.warp.ContextMerge`)."""
     nms_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
     """Rotated-IoU above which the lower-scoring of two boxes is dropped."""
 
@@ -187,7 +190,8 @@ def build_detector(config: DetectorConfig) -> BevDetector:
     channels = backbone.out_channels
     refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3) for _ in range(config.refine_blocks)))
     head = CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
-    merge = AttentionMerge(channels) if config.merge == "attention" else None
+    merge = {"attention": AttentionMerge, "context": ContextMerge}.get(config.merge)
+    merge = merge(channels) if merge is not None else None
     return BevDetector(config, encoder, backbone, refine, head, merge)
 
 

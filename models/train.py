@@ -12,13 +12,14 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.cooperative import CoopSample
-from models.detector import BevDetector, load_checkpoint, save_checkpoint
+from models.detector import BevDetector, CheckpointError, load_checkpoint, save_checkpoint
 from models.geometry import (
     invert_se3,
     se3_from_xyz_rpy,
@@ -51,6 +52,10 @@ class OptimConfig(BaseModel):
     no preferred direction."""
     early_fusion_loss: bool = True
     """Also train on the ego-frame union of all agents' points (the ``early`` path)."""
+    trains: Literal["all", "merge"] = "all"
+    """``all``: every weight on the single-agent, early and fused losses. ``merge``: only the merge
+    module, on the fused loss, everything else frozen (a second stage on a trained detector: the
+    ``none``/``late``/``early`` paths and the features agents send stay exactly as they were)."""
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     threads: int = Field(0, ge=0)
@@ -94,16 +99,27 @@ def rotate_scene(sample: CoopSample, yaw_rad: float, lattice_m: float) -> CoopSa
 
 
 def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
-                early: bool = False) -> dict[str, torch.Tensor]:
-    """Single-agent losses over all agents (and the early-fused cloud) plus the weighted fused loss."""
+                early: bool = False, fused_only: bool = False) -> dict[str, torch.Tensor]:
+    """Single-agent losses over all agents (and the early-fused cloud) plus the weighted fused loss.
+
+    With ``fused_only`` the features are computed without gradients and only the fused loss counts.
+    """
     device = next(detector.parameters()).device
+    nc = detector.config.num_classes
+    if fused_only:
+        with torch.no_grad():
+            features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
+        fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
+        fused_targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)],
+                                      detector.grid, detector.stride, nc)
+        fused_loss = compute_loss(detector(fused), fused_targets.to(device))["total"]
+        return {"single": fused_loss.new_zeros(()), "fused": fused_loss, "total": fused_loss}
     clouds, single_gt = list(sample.points), list(sample.agent_gt_boxes)
     if early:
         clouds.append(np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
                       .astype(np.float32))
         single_gt.append(sample.gt_boxes)
     features = detector.features([torch.from_numpy(p).to(device) for p in clouds])  # [A(+1), C, h, w]
-    nc = detector.config.num_classes
     single_targets = build_targets(single_gt, [np.zeros(len(b), np.int64) for b in single_gt],
                                    detector.grid, detector.stride, nc)
     single = compute_loss(detector(features), single_targets.to(device))
@@ -128,7 +144,15 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    optimiser = torch.optim.AdamW(detector.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    merge_only = config.trains == "merge"
+    if merge_only and not any(True for _ in (detector.merge.parameters() if detector.merge is not None else ())):
+        raise ValueError("trains: merge needs a detector whose merge has weights (merge: attention or context)")
+    trained = list(detector.merge.parameters()) if merge_only else list(detector.parameters())
+    for p in detector.parameters():
+        p.requires_grad_(not merge_only)
+    for p in trained:
+        p.requires_grad_(True)
+    optimiser = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.steps,
                                                    pct_start=0.1)
     start = 0
@@ -137,16 +161,20 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         rng = random.Random(config.seed + start)
     losses: list[float] = []
     detector.train()
+    if merge_only:  # frozen parts keep their normalisation statistics too
+        detector.eval()
+        detector.merge.train()
     for step in range(start, config.steps):
         sample = samples[rng.randrange(len(samples))]
         if rng.random() < config.mirror_probability:
             sample = mirror(sample)
         if config.rotate_scene:
             sample = rotate_scene(sample, rng.uniform(-np.pi, np.pi), detector.feature_cell_m)
-        parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss)
+        parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss,
+                            fused_only=merge_only)
         optimiser.zero_grad(set_to_none=True)
         parts["total"].backward()
-        torch.nn.utils.clip_grad_norm_(detector.parameters(), 10.0)
+        torch.nn.utils.clip_grad_norm_(trained, 10.0)
         optimiser.step()
         schedule.step()
         values = {k: float(v.detach()) for k, v in parts.items()}
@@ -157,7 +185,32 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
             save_checkpoint(checkpoint, detector, step=step + 1, optimiser=optimiser.state_dict(),
                             schedule=schedule.state_dict())
     detector.eval()
+    for p in detector.parameters():
+        p.requires_grad_(True)
     return losses
+
+
+def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
+    """Start ``detector`` from the weights of a trained detector that differs from it in the merge only.
+
+    Returns the names of the weights that were not in the checkpoint (the new merge's).
+
+    Raises:
+        CheckpointError: the checkpoint is unreadable, was trained with another config (apart from
+            ``merge``), or lacks weights other than the merge's.
+    """
+    source, _ = load_checkpoint(path)
+    ours = detector.config.model_dump(exclude={"merge"})
+    theirs = source.config.model_dump(exclude={"merge"})
+    if ours != theirs:
+        raise CheckpointError(f"{path}: init_from needs a detector like this one apart from its merge: " + "; ".join(
+            f"{k}: this config has {v!r}, the checkpoint {theirs.get(k)!r}" for k, v in ours.items() if theirs.get(k) != v))
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("merge.")}
+    result = detector.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("merge.")]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks {', '.join(missing[:4])}")
+    return list(result.missing_keys)
 
 
 def _resume(detector: BevDetector, optimiser, schedule, checkpoint: Path) -> int:

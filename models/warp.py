@@ -79,3 +79,37 @@ class AttentionMerge(nn.Module):
         logits = (self.score(features) + prior).masked_fill(coverage <= 0, float("-inf"))  # [N, 1, H, W]
         weights = torch.nan_to_num(torch.softmax(logits, dim=0), nan=0.0)
         return (weights * features).sum(dim=0, keepdim=True)
+
+
+class ContextMerge(nn.Module):
+    """Attention over agents that looks around each cell, then a learned correction of the merge.
+
+    Each agent's score in a cell comes from a 3x3 neighbourhood of its own warped features *next to*
+    the element-wise max over all agents and its coverage, so an agent can be preferred where it
+    sees something the others do not (a 1x1 score of its features alone cannot tell). The weighted
+    sum is then corrected by a residual conv block over ``[weighted sum, max]``, applied only where
+    two or more agents cover a cell: with one agent the merge returns its features unchanged.
+    Coverage between 0 and 1 (evidence weighted down by age) scales an agent's share as in
+    :class:`AttentionMerge`.
+    """
+
+    def __init__(self, channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Conv2d(2 * channels + 1, hidden, kernel_size=3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(hidden, 1, kernel_size=1))
+        self.correct = nn.Sequential(nn.Conv2d(2 * channels, channels, kernel_size=3, padding=1, bias=False),
+                                     nn.BatchNorm2d(channels), nn.ReLU(),
+                                     nn.Conv2d(channels, channels, kernel_size=1))
+        nn.init.zeros_(self.correct[-1].weight)  # starts as the attention-weighted sum
+        nn.init.zeros_(self.correct[-1].bias)
+
+    def forward(self, features: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+        agents = features.shape[0]
+        strongest = max_merge(features, coverage)  # [1, C, H, W]
+        context = torch.cat([features, strongest.expand(agents, -1, -1, -1), coverage], dim=1)
+        prior = torch.log(coverage.clamp_min(1e-6))
+        logits = (self.score(context) + prior).masked_fill(coverage <= 0, float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(logits, dim=0), nan=0.0)
+        merged = (weights * features).sum(dim=0, keepdim=True)
+        shared = ((coverage > 0).sum(dim=0, keepdim=True) >= 2).to(features.dtype)  # [1, 1, H, W]
+        return merged + shared * self.correct(torch.cat([merged, strongest], dim=1))

@@ -156,6 +156,8 @@ def test_training_trades_rate_for_detection_and_checkpoints_round_trip(tmp_path:
     assert loaded.encode(samples[0].features.float(), 1) == codec.encode(samples[0].features.float(), 1)
     with pytest.raises(CodecError, match="feature_channels: detector has 16, codec was trained on 8"):
         load_codec(tmp_path / "codec.pt", detector.config.model_copy(update={"feature_channels": 16}))
+    # A merge trained later on the same frozen detector changes nothing the codec codes.
+    load_codec(tmp_path / "codec.pt", detector.config.model_copy(update={"merge": "context"}))
 
 
 def test_rate_weights_must_fall_with_the_level() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from models.detector import (BevDetector, CheckpointError, DetectorConfig, build
                              save_checkpoint)
 from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes, transform_points, wrap_angle_rad
 from models.pillars import PillarEncoder
-from models.train import OptimConfig, mirror, rotate_scene, sample_loss, train
+from models.train import OptimConfig, init_from_checkpoint, mirror, rotate_scene, sample_loss, train
 
 GRID_CONFIG = BevGridConfig(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=0.5)  # 64 x 64
 SMALL_GRID_CONFIG = BevGridConfig(x_min_m=-8.0, x_max_m=8.0, y_min_m=-8.0, y_max_m=8.0, cell_size_m=0.5)  # 32 x 32
@@ -163,7 +164,7 @@ def test_unknown_backbone_is_refused_with_the_known_names() -> None:
     assert all(name in str(error.value) for name in list_backbones())
 
 
-@pytest.mark.parametrize("merge", ["max", "attention"])
+@pytest.mark.parametrize("merge", ["max", "attention", "context"])
 def test_fuse_with_identity_poses_of_one_agent_returns_its_features(merge: str) -> None:
     detector = _detector(grid=SMALL_GRID_CONFIG, merge=merge).eval()
     features = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -397,6 +398,46 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
     save_checkpoint(checkpoint, _detector("nextvit_tiny", SMALL_GRID_CONFIG), step=1)
     with pytest.raises(CheckpointError, match="nextvit_tiny"):
         train(_detector(grid=SMALL_GRID_CONFIG), [_coop_sample()], OptimConfig(steps=3), checkpoint, resume=True)
+
+
+def test_merge_stage_trains_only_the_new_merge_and_lowers_the_fused_loss(trained: TrainedRun) -> None:
+    # A second stage on the trained detector: a context merge, everything else frozen.
+    detector = build_detector(trained.detector.config.model_copy(update={"merge": "context"}))
+    fresh = init_from_checkpoint(detector, trained.checkpoint)
+    assert fresh and all(k.startswith("merge.") for k in fresh)
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    sample = _coop_sample()
+    with torch.no_grad():
+        first = float(sample_loss(detector.eval(), sample, 1.0, fused_only=True)["fused"])
+    config = OptimConfig(steps=30, lr=3e-3, rotate_scene=False, mirror_probability=0.0, trains="merge",
+                         checkpoint_every=1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with TemporaryDirectory() as folder:
+            losses = train(detector, [sample], config, Path(folder) / "stage2.pt")
+    finally:
+        torch.set_num_threads(threads)
+    after = detector.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("merge.") for k in changed), sorted(changed)[:5]  # BN statistics too
+    assert all(p.requires_grad for p in detector.parameters())  # nothing is left frozen after training
+    assert math.isfinite(losses[-1]) and np.mean(losses[-5:]) < first, (first, losses[-5:])
+    single = detect_sample(detector, sample, "late")  # the single-agent paths are the trained detector's
+    assert np.allclose(single, detect_sample(trained.detector, sample, "late"))
+
+
+def test_merge_stage_refuses_a_detector_without_merge_weights() -> None:
+    with pytest.raises(ValueError, match="merge: attention or context"):
+        train(_detector(grid=SMALL_GRID_CONFIG, merge="max"), [_coop_sample()],
+              OptimConfig(steps=1, trains="merge"), Path("unused.pt"))
+
+
+def test_init_from_refuses_a_detector_that_differs_beyond_its_merge(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c.pt"
+    save_checkpoint(checkpoint, _detector("nextvit_tiny", SMALL_GRID_CONFIG), step=1)
+    with pytest.raises(CheckpointError, match="backbone: this config has 'mobiledet_tiny', the checkpoint 'nextvit_tiny'"):
+        init_from_checkpoint(_detector(grid=SMALL_GRID_CONFIG, merge="context"), checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------
