@@ -149,7 +149,7 @@ def test_every_backbone_builds_runs_and_trains_one_step(name: str) -> None:
     parts = sample_loss(detector, sample, fused_weight=1.0, early=True)
     assert set(parts) == {"single", "fused", "total"}
     assert all(torch.isfinite(v) for v in parts.values())
-    assert float(parts["total"]) > 0.0
+    assert float(parts["total"].detach()) > 0.0
     detector.zero_grad(set_to_none=True)
     parts["total"].backward()
     grads = [p.grad for p in detector.parameters() if p.requires_grad]
