@@ -98,6 +98,15 @@ def rotate_scene(sample: CoopSample, yaw_rad: float, lattice_m: float) -> CoopSa
                       agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(new_from_old, sample.agent_gt_boxes)))
 
 
+def _fused_loss(detector: BevDetector, features: torch.Tensor, sample: CoopSample) -> torch.Tensor:
+    """Detection loss on the agents' ``features`` merged in the ego frame, against all of the sample's boxes."""
+    device = features.device
+    fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
+    targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)],
+                            detector.grid, detector.stride, detector.config.num_classes)
+    return compute_loss(detector(fused), targets.to(device))["total"]
+
+
 def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
                 early: bool = False, fused_only: bool = False) -> dict[str, torch.Tensor]:
     """Single-agent losses over all agents (and the early-fused cloud) plus the weighted fused loss.
@@ -105,15 +114,11 @@ def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
     With ``fused_only`` the features are computed without gradients and only the fused loss counts.
     """
     device = next(detector.parameters()).device
-    nc = detector.config.num_classes
     if fused_only:
         with torch.no_grad():
             features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
-        fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
-        fused_targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)],
-                                      detector.grid, detector.stride, nc)
-        fused_loss = compute_loss(detector(fused), fused_targets.to(device))["total"]
-        return {"single": fused_loss.new_zeros(()), "fused": fused_loss, "total": fused_loss}
+        fused = _fused_loss(detector, features, sample)
+        return {"single": fused.new_zeros(()), "fused": fused, "total": fused}
     clouds, single_gt = list(sample.points), list(sample.agent_gt_boxes)
     if early:
         clouds.append(np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
@@ -121,16 +126,10 @@ def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
         single_gt.append(sample.gt_boxes)
     features = detector.features([torch.from_numpy(p).to(device) for p in clouds])  # [A(+1), C, h, w]
     single_targets = build_targets(single_gt, [np.zeros(len(b), np.int64) for b in single_gt],
-                                   detector.grid, detector.stride, nc)
-    single = compute_loss(detector(features), single_targets.to(device))
-    agents = len(sample.points)
-    fused = detector.fuse(features[:agents], torch.as_tensor(sample.ego_from_agent, dtype=torch.float32,
-                                                             device=device))
-    fused_targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)],
-                                  detector.grid, detector.stride, nc)
-    fused_loss = compute_loss(detector(fused), fused_targets.to(device))
-    return {"single": single["total"], "fused": fused_loss["total"],
-            "total": single["total"] + fused_weight * fused_loss["total"]}
+                                   detector.grid, detector.stride, detector.config.num_classes)
+    single = compute_loss(detector(features), single_targets.to(device))["total"]
+    fused = _fused_loss(detector, features[:len(sample.points)], sample)
+    return {"single": single, "fused": fused, "total": single + fused_weight * fused}
 
 
 def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimConfig, checkpoint: Path, *,
@@ -145,7 +144,7 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     merge_only = config.trains == "merge"
-    if merge_only and not any(True for _ in (detector.merge.parameters() if detector.merge is not None else ())):
+    if merge_only and (detector.merge is None or not list(detector.merge.parameters())):
         raise ValueError("trains: merge needs a detector whose merge has weights (merge: attention or context)")
     trained = list(detector.merge.parameters()) if merge_only else list(detector.parameters())
     for p in detector.parameters():

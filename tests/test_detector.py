@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
@@ -400,7 +399,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
         train(_detector(grid=SMALL_GRID_CONFIG), [_coop_sample()], OptimConfig(steps=3), checkpoint, resume=True)
 
 
-def test_merge_stage_trains_only_the_new_merge_and_lowers_the_fused_loss(trained: TrainedRun) -> None:
+def test_merge_stage_trains_only_the_new_merge_and_lowers_the_fused_loss(trained: TrainedRun, tmp_path: Path) -> None:
     # A second stage on the trained detector: a context merge, everything else frozen.
     detector = build_detector(trained.detector.config.model_copy(update={"merge": "context"}))
     fresh = init_from_checkpoint(detector, trained.checkpoint)
@@ -414,8 +413,7 @@ def test_merge_stage_trains_only_the_new_merge_and_lowers_the_fused_loss(trained
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with TemporaryDirectory() as folder:
-            losses = train(detector, [sample], config, Path(folder) / "stage2.pt")
+        losses = train(detector, [sample], config, tmp_path / "stage2.pt")
     finally:
         torch.set_num_threads(threads)
     after = detector.state_dict()
@@ -427,10 +425,10 @@ def test_merge_stage_trains_only_the_new_merge_and_lowers_the_fused_loss(trained
     assert np.allclose(single, detect_sample(trained.detector, sample, "late"))
 
 
-def test_merge_stage_refuses_a_detector_without_merge_weights() -> None:
+def test_merge_stage_refuses_a_detector_without_merge_weights(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="merge: attention or context"):
         train(_detector(grid=SMALL_GRID_CONFIG, merge="max"), [_coop_sample()],
-              OptimConfig(steps=1, trains="merge"), Path("unused.pt"))
+              OptimConfig(steps=1, trains="merge"), tmp_path / "unused.pt")
 
 
 def test_init_from_refuses_a_detector_that_differs_beyond_its_merge(tmp_path: Path) -> None:
