@@ -77,6 +77,8 @@ class AgentFrame:
         points: ``[N, 4]`` float32 x, y, z (m, LiDAR frame), intensity in [0, 1].
         cameras: the agent's cameras (possibly none).
         objects: ground-truth objects listed for this agent, world frame.
+        pose_covariance: ``[6, 6]`` covariance of the reported pose's (x, y, z, roll, pitch, yaw),
+            as its GNSS/INS states it; ``None`` when unknown.
     """
 
     agent_id: int
@@ -86,6 +88,7 @@ class AgentFrame:
     points: np.ndarray  # [N, 4]
     cameras: tuple[CameraImage, ...] = ()
     objects: tuple[ObjectState, ...] = ()
+    pose_covariance: np.ndarray | None = None  # [6, 6]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field
 
+from fusion.alignment import AgentView, CorrectionConfig, PoseCorrector, PoseHistory
 from fusion.receive import Contribution, FrameRefused, check_frame, decode_frame, expected_grid
 from fusion.substitute import EvidenceMemory
 from models.codec import FeatureCodec
@@ -107,6 +108,12 @@ class FusionConfig(BaseModel):
     (the same AP to a tenth of a point on the held-out world, about a third less head time), else float32."""
     subscriber_queue: int = Field(16, ge=1)
     """Fused frames buffered per subscriber; a slower subscriber loses the oldest."""
+    correction: CorrectionConfig = CorrectionConfig()
+    """Online pose correction: agents' poses tracked relative to the ego with their odometry and the objects
+    they and the ego both detect (see :mod:`fusion.alignment`); steady errors are sent back on ``Control``."""
+    latency_compensation: bool = True
+    """Place the fused frame at the ego's pose at the slot's time (interpolated or extrapolated from its pose
+    history) when the ego's own frame for the slot is missing, instead of at its last frame's pose."""
 
 
 @dataclass(slots=True)
@@ -132,6 +139,14 @@ class AgentState:
     last_error: str = ""
     refused_by_reason: dict[str, int] = field(default_factory=dict)
     last_report: LinkReport = field(default_factory=LinkReport)
+    latest: Contribution | None = None
+    """The newest frame taken into the evidence memory (its pose, detections, odometry)."""
+    history: PoseHistory = field(default_factory=PoseHistory)
+    set_aside: dict[str, int] = field(default_factory=dict)
+    """Parts of frames left out because they failed their checks (pose covariance, odometry, calibration)."""
+    correction_sent: int = 0
+    """Sequence of the last frame whose pose correction was sent to the agent (0: none)."""
+    corrections_sent: int = 0
 
     def link_stats(self) -> LinkStats:
         r = self.last_report
@@ -147,7 +162,8 @@ class AgentState:
                 "frames_refused": self.frames_refused, "frames_late": self.frames_late,
                 "chunks_received": self.buffer.chunks_received, "chunks_refused": self.buffer.chunks_refused,
                 "tiles_corrupt": self.tiles_corrupt, "bytes_received": self.bytes_received, "streams": self.streams,
-                "last_error": self.last_error, "refused_by_reason": dict(self.refused_by_reason)}
+                "last_error": self.last_error, "refused_by_reason": dict(self.refused_by_reason),
+                "set_aside": dict(self.set_aside), "pose_corrections_sent": self.corrections_sent}
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +227,8 @@ class FusionNode(FusionServicer):
         self._loop_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
         self._receiving: set[asyncio.Task] = set()
+        self.corrector = PoseCorrector(config.correction)
+        self._controls: list[tuple[int, Control]] = []  # pose corrections from the torch thread, sent by the loop
 
     # ---- service --------------------------------------------------------------------------
 
@@ -483,6 +501,7 @@ class FusionNode(FusionServicer):
                 self.fuse_errors += 1
                 continue
             self.ticks += 1
+            self._send_corrections()
             self._publish(item)
 
     async def _wait_arrival(self, timeout_s: float | None) -> None:
@@ -523,6 +542,7 @@ class FusionNode(FusionServicer):
                 state.memory = EvidenceMemory(self.detector.grid, self.tile_cells, frame.capture_time_ns)
             state.memory.take(c.features, c.valid, c.world_from_agent, frame.capture_time_ns)
             state.taken[frame.sequence] = frame.revision
+            self._take_pose(state, c)
         while len(state.taken) > 2 * FRAMES_KEPT:
             del state.taken[min(state.taken)]
         if state.memory is None or newest is None:
@@ -532,6 +552,79 @@ class FusionNode(FusionServicer):
         evidence = state.memory.evidence(slot * self.period_ns, self.config.max_age_ms, self.config.substitute,
                                          own.capture_time_ns if own is not None else None, tile_count)
         return evidence, own, newest
+
+    def _take_pose(self, state: AgentState, c: Contribution) -> None:
+        """Remember a taken frame's pose (history, newest frame) and count what of it was set aside."""
+        if state.latest is None or c.capture_time_ns >= state.latest.capture_time_ns:
+            state.latest = c
+        state.history.add(c.capture_time_ns, c.world_from_agent)
+        for reason in c.set_aside:
+            key = _reason_key(reason)
+            state.set_aside[key] = state.set_aside.get(key, 0) + 1
+            log.warning("agent %d frame %d: %s; used without it", state.agent_id, c.sequence, reason)
+
+    def _reference_pose(self, reference: tuple, slot: int) -> tuple[np.ndarray, int]:
+        """The ego's pose the fused frame is given in, and its time: the ego's frame for this slot, or, when that
+        is missing, its pose at the slot's time from its pose history (latency compensation)."""
+        state, evidence, own = reference[0], reference[1], reference[2]
+        if own is not None or not self.config.latency_compensation:
+            return evidence.world_from_agent, own.capture_time_ns if own is not None else slot * self.period_ns
+        at = state.history.at(slot * self.period_ns)
+        return (evidence.world_from_agent if at is None else at), slot * self.period_ns
+
+    def _correct(self, used: list, reference: tuple, ego_from_agent: np.ndarray) -> dict:
+        """Corrected ``ego_from_agent`` rows (in place) for the agents whose newest frame is the one fused;
+        returns the corrections by agent id. Runs only when the ego's own frame for the slot is here."""
+        ref_state, _, ref_own = reference[0], reference[1], reference[2]
+        if not self.config.correction.enabled or ref_own is None or ref_state.latest is None:
+            return {}
+        views, rows = {}, {}
+        for i, (state, evidence, *_rest) in enumerate(used):
+            c = state.latest
+            if c is None or not np.array_equal(c.world_from_agent, evidence.world_from_agent):
+                continue
+            detections = c.detections
+            if abs(c.capture_time_ns - ref_state.latest.capture_time_ns) > self.period_ns // 2:
+                detections = detections[:0]  # objects moved in between: their boxes would pull the fit
+            views[state.agent_id] = AgentView(state.agent_id, ego_from_agent[i], detections, c.pose_sigma,
+                                              c.sequence, c.odom_from_agent, c.odometry_sigma)
+            rows[state.agent_id] = i
+        reference_view = views.pop(ref_state.agent_id, None)
+        if reference_view is None or not views:
+            return {}
+        corrections = self.corrector.correct(reference_view, list(views.values()))
+        for agent_id, correction in corrections.items():
+            ego_from_agent[rows[agent_id]] = correction.ref_from_agent
+        self._queue_feedback(used, corrections)
+        return corrections
+
+    def _queue_feedback(self, used: list, corrections: dict) -> None:
+        """Send an agent its steady pose error once its window shows one (only frames that carry the last
+        correction sent count towards the next)."""
+        for state, *_rest in used:
+            c = state.latest
+            if state.agent_id not in corrections or c is None:
+                continue
+            if c.pose_correction_sequence < state.correction_sent:
+                self.corrector.forget(state.agent_id)  # still the frames sent before the last correction
+                continue
+            steady = self.corrector.steady_error(state.agent_id)
+            if steady is None:
+                continue
+            estimate = c.world_from_agent @ steady
+            self._controls.append((state.agent_id, Control(pose_correction=pose_to_proto(estimate),
+                                                           pose_correction_sequence=c.sequence)))
+            state.correction_sent = c.sequence
+            state.corrections_sent += 1
+            self.corrector.forget(state.agent_id)
+
+    def _send_corrections(self) -> None:
+        controls, self._controls = self._controls, []
+        for agent_id, control in controls:
+            state = self.agents.get(agent_id)
+            if state is not None and state.send_control is not None:
+                state.send_control(control)
+                log.info("agent %d: sent a pose correction for frame %d", agent_id, control.pose_correction_sequence)
 
     @torch.no_grad()
     def fuse_slot(self, slot: int, plan: dict[int, dict[int, _FrameView]] | None = None
@@ -564,9 +657,10 @@ class FusionNode(FusionServicer):
         vehicles = [a for a in ids if a >= 0]
         ego = self.config.ego_agent_id if self.config.ego_agent_id in ids else min(vehicles, default=ids[0])
         reference = next(u for u in used if u[0].agent_id == ego)
-        world_from_reference = reference[1].world_from_agent
+        world_from_reference, reference_time_ns = self._reference_pose(reference, slot)
         ref_from_world = invert_se3(world_from_reference)
         ego_from_agent = np.stack([ref_from_world @ e.world_from_agent for _, e, *_ in used])
+        corrections = self._correct(used, reference, ego_from_agent)
         features = torch.cat([e.features for _, e, *_ in used])
         weight = torch.cat([e.weight for _, e, *_ in used])
         merged = self.detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32,
@@ -583,13 +677,16 @@ class FusionNode(FusionServicer):
         ref_own = reference[2]
         fused.capture_time_ns = (ref_own.capture_time_ns if ego == intended and ref_own is not None
                                  else max(n.capture_time_ns for _, _, _, n, _ in used))
+        if ref_own is None and self.config.latency_compensation:
+            fused.capture_time_ns = max(fused.capture_time_ns, reference_time_ns)
         for state, e, own, newest, kind in used:
             fused.contributions.append(AgentContribution(
                 agent_id=state.agent_id, status=kind, sequence=newest.sequence,
                 age_ms=(fused.fusion_time_ns - newest.capture_time_ns) / 1e6, tiles_fresh=e.fresh_tiles,
                 tiles_substituted=e.substituted_tiles, tiles_dropped=e.dropped_tiles,
                 substituted_age_ms=e.substituted_age_ms, substituted_max_age_ms=e.substituted_max_age_ms,
-                chunks_missing=(own.chunk_count - own.chunks) if own is not None else 0))
+                chunks_missing=(own.chunk_count - own.chunks) if own is not None else 0,
+                **_correction_fields(corrections.get(state.agent_id))))
         for state, newest in missing:  # known, but nothing young enough to use
             fused.contributions.append(AgentContribution(
                 agent_id=state.agent_id, status=status.CONTRIBUTION_STATUS_MISSING,
@@ -690,7 +787,16 @@ class FusionNode(FusionServicer):
     def counters(self) -> dict:
         return {"ticks": self.ticks, "fuse_errors": self.fuse_errors, "precision": self.precision, "refused_streams": dict(self.refused_streams),
                 "subscriber_drops": self.subscriber_drops,
+                "pose_correction": {str(a): c.as_dict() for a, c in sorted(self.corrector.counters.items())},
                 "agents": {str(a): s.counters() for a, s in sorted(self.agents.items())}}
+
+
+def _correction_fields(correction) -> dict:
+    if correction is None or not correction.applied:
+        return {}
+    return {"pose_corrected": True, "pose_correction_m": float(np.hypot(*correction.delta[:2])),
+            "pose_correction_deg": float(np.degrees(abs(correction.delta[2]))),
+            "matched_objects": correction.matches}
 
 
 def _with_agent_frames(fused: FusedFrame, agent_frames: list[FeatureFrame]) -> FusedFrame:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fusion.calibration import CalibrationError, check_rigid
+from fusion.alignment import PlanarSigma
+from fusion.calibration import CalibrationError, calibration_from_proto, planar_sigma, pose_estimate_from_proto
 from models.codec import CodedFrame, CodedTile, FeatureCodec
 from models.detector import BevDetector
 from protos import FeatureDtype, FeatureFrame
 from transport import RAW_CODEC_ID, FramingError, GridSpec, boxes_from_proto, grid_from_proto, pose_from_proto
-
-RIGID_TOLERANCE = 1e-3
-"""How far ``R^T R`` may be from the identity (rounding of the 6 pose numbers is far below this)."""
 
 
 class FrameRefused(ValueError):
@@ -45,6 +45,14 @@ class Contribution:
     decode_ms: float
     message: FeatureFrame | None = None
     """The frame as received (forwarded to subscribers that record)."""
+    pose_sigma: PlanarSigma | None = None
+    """The reported pose's planar uncertainty (None: the frame states none)."""
+    odom_from_agent: np.ndarray | None = None  # [4, 4] the agent's dead-reckoned pose, if sent
+    odometry_sigma: PlanarSigma | None = None
+    """Uncertainty of the agent's motion since its previous frame."""
+    pose_correction_sequence: int = 0
+    set_aside: tuple[str, ...] = ()
+    """Parts of the frame that failed their checks and were left out (the frame itself is used)."""
 
 
 def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
@@ -56,11 +64,11 @@ def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec
 
 
 def check_pose(world_from_agent: np.ndarray) -> None:
-    rotation = world_from_agent[:3, :3]
-    if not np.all(np.isfinite(world_from_agent)):
-        raise FrameRefused("pose is not finite")
-    if np.abs(rotation.T @ rotation - np.eye(3)).max() > RIGID_TOLERANCE or np.linalg.det(rotation) < 0:
-        raise FrameRefused("pose is not a rigid transform")
+    """Refuses a pose that is not a finite rigid transform (see :func:`fusion.calibration.check_rigid`)."""
+    try:
+        check_rigid(world_from_agent, "pose")
+    except CalibrationError as err:
+        raise FrameRefused(str(err)) from None
 
 
 def check_frame(frame: FeatureFrame, *, codec: FeatureCodec | None, grid: GridSpec,
@@ -123,9 +131,38 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
         raise FrameRefused(f"object list: {err}") from err
     if not np.all(np.isfinite(detections)):
         raise FrameRefused("object list has non-finite values")
+    pose_sigma, odometry, odometry_sigma, set_aside = _pose_extras(frame)
     return Contribution(frame.agent_id, frame.sequence, frame.capture_time_ns, receive_time_ns, world_from_agent,
                         features, valid, detections, payload, frame.ByteSize(), len(frame.tiles), refused,
-                        (time.perf_counter() - t0) * 1e3, frame)
+                        (time.perf_counter() - t0) * 1e3, frame, pose_sigma, odometry, odometry_sigma,
+                        frame.pose_correction_sequence, set_aside)
+
+
+def _sigma(covariance: np.ndarray | None) -> PlanarSigma | None:
+    return None if covariance is None else PlanarSigma(*planar_sigma(covariance))
+
+
+def _pose_extras(frame: FeatureFrame) -> tuple[PlanarSigma | None, np.ndarray | None, PlanarSigma | None, tuple[str, ...]]:
+    """The pose's uncertainty, the odometry and the calibration, each checked; a part that fails is set
+    aside (named in the last item) and the frame is used without it."""
+    set_aside = []
+    pose_sigma = odometry = odometry_sigma = None
+    try:
+        pose_sigma = _sigma(pose_estimate_from_proto(frame.pose, "pose").covariance)
+    except CalibrationError as err:
+        set_aside.append(str(err))
+    if frame.HasField("odometry"):
+        try:
+            estimate = pose_estimate_from_proto(frame.odometry, "odometry")
+            odometry, odometry_sigma = np.array(estimate.world_from_agent), _sigma(estimate.covariance)
+        except CalibrationError as err:
+            set_aside.append(str(err))
+    if frame.HasField("calibration"):
+        try:
+            calibration_from_proto(frame.calibration, f"agent {frame.agent_id}")
+        except CalibrationError as err:
+            set_aside.append(str(err))
+    return pose_sigma, odometry, odometry_sigma, tuple(set_aside)
 
 
 def _raw_features(frame: FeatureFrame, shape: tuple[int, int, int], device: torch.device

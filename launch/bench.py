@@ -117,6 +117,13 @@ def bench_scale(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def bench_pose(args: argparse.Namespace) -> dict:
+    """Intermediate and late fusion AP under pose noise, with and without online pose correction."""
+    from launch.pose_bench import bench_pose as run
+
+    return run(args)
+
+
 def bench_loss(args: argparse.Namespace) -> dict:
     """Intermediate-fusion AP and latency under real packet loss (and bandwidth caps), per transport mode."""
     from launch.loss_bench import bench_loss as run
@@ -125,7 +132,7 @@ def bench_loss(args: argparse.Namespace) -> dict:
 
 
 BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec,
-           "scale": bench_scale, "loss": bench_loss}
+           "scale": bench_scale, "loss": bench_loss, "pose": bench_pose}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -141,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--data", type=Path, help="OPV2V-layout folder instead of a synthetic world (fusion, codec)")
     parser.add_argument("--plot", type=Path, help="write a PNG of the result (codec: AP against bytes)")
-    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec; default mobiledet_tiny)")
+    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec, pose; default mobiledet_tiny)")
     parser.add_argument("--codec", type=Path, help="codec weights (codec; default: the one trained for the detector)")
     parser.add_argument("--counts", default="2,4,8,16", help="scale: agent counts to run, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="scale: seconds of streaming per agent count")
@@ -158,5 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="loss: runs per setting (medians are reported)")
     parser.add_argument("--deadline-ms", type=float, default=150.0, help="loss: the fusion node's slot deadline")
     parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
+    parser.add_argument("--noise-levels", default="0,0.2,0.4,0.6",
+                        help="pose: pose noise levels, metres and degrees alike, comma-separated")
     add_world_options(parser)
     parser.set_defaults(func=cmd_bench)

@@ -157,7 +157,7 @@ class Box3D(_message.Message):
     def __init__(self, x_m: _Optional[float] = ..., y_m: _Optional[float] = ..., z_m: _Optional[float] = ..., length_m: _Optional[float] = ..., width_m: _Optional[float] = ..., height_m: _Optional[float] = ..., yaw_rad: _Optional[float] = ..., label: _Optional[_Union[ObjectClass, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class FeatureFrame(_message.Message):
-    __slots__ = ("agent_id", "session_id", "sequence", "capture_time_ns", "send_time_ns", "pose", "calibration", "grid", "codec_id", "rate_level", "feature_dtype", "tiles", "tile_count", "chunk_index", "chunk_count", "detections", "auth_token")
+    __slots__ = ("agent_id", "session_id", "sequence", "capture_time_ns", "send_time_ns", "pose", "calibration", "grid", "codec_id", "rate_level", "feature_dtype", "tiles", "tile_count", "chunk_index", "chunk_count", "detections", "auth_token", "odometry", "pose_correction_sequence")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,8 @@ class FeatureFrame(_message.Message):
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ODOMETRY_FIELD_NUMBER: _ClassVar[int]
+    POSE_CORRECTION_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     agent_id: int
     session_id: int
     sequence: int
@@ -192,7 +194,9 @@ class FeatureFrame(_message.Message):
     chunk_count: int
     detections: _containers.RepeatedCompositeFieldContainer[Box3D]
     auth_token: str
-    def __init__(self, agent_id: _Optional[int] = ..., session_id: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time_ns: _Optional[int] = ..., send_time_ns: _Optional[int] = ..., pose: _Optional[_Union[Pose, _Mapping]] = ..., calibration: _Optional[_Union[SensorCalibration, _Mapping]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., rate_level: _Optional[int] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., tile_count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., auth_token: _Optional[str] = ...) -> None: ...
+    odometry: Pose
+    pose_correction_sequence: int
+    def __init__(self, agent_id: _Optional[int] = ..., session_id: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time_ns: _Optional[int] = ..., send_time_ns: _Optional[int] = ..., pose: _Optional[_Union[Pose, _Mapping]] = ..., calibration: _Optional[_Union[SensorCalibration, _Mapping]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., rate_level: _Optional[int] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., tile_count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., auth_token: _Optional[str] = ..., odometry: _Optional[_Union[Pose, _Mapping]] = ..., pose_correction_sequence: _Optional[int] = ...) -> None: ...
 
 class LinkReport(_message.Message):
     __slots__ = ("window_ms", "loss_fraction", "delivered_bitrate_bps", "rtt_ms", "frames_late", "last_sequence", "queueing_delay_ms")
@@ -229,7 +233,7 @@ class Control(_message.Message):
     def __init__(self, target_bitrate_bps: _Optional[int] = ..., target_rate_level: _Optional[int] = ..., target_frame_rate_hz: _Optional[float] = ..., pose_correction: _Optional[_Union[Pose, _Mapping]] = ..., pose_correction_sequence: _Optional[int] = ..., link: _Optional[_Union[LinkReport, _Mapping]] = ...) -> None: ...
 
 class AgentContribution(_message.Message):
-    __slots__ = ("agent_id", "status", "sequence", "age_ms", "tiles_fresh", "tiles_substituted", "tiles_dropped", "substituted_age_ms", "substituted_max_age_ms", "chunks_missing")
+    __slots__ = ("agent_id", "status", "sequence", "age_ms", "tiles_fresh", "tiles_substituted", "tiles_dropped", "substituted_age_ms", "substituted_max_age_ms", "chunks_missing", "pose_corrected", "pose_correction_m", "pose_correction_deg", "matched_objects")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +244,10 @@ class AgentContribution(_message.Message):
     SUBSTITUTED_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     SUBSTITUTED_MAX_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_MISSING_FIELD_NUMBER: _ClassVar[int]
+    POSE_CORRECTED_FIELD_NUMBER: _ClassVar[int]
+    POSE_CORRECTION_M_FIELD_NUMBER: _ClassVar[int]
+    POSE_CORRECTION_DEG_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     agent_id: int
     status: ContributionStatus
     sequence: int
@@ -250,7 +258,11 @@ class AgentContribution(_message.Message):
     substituted_age_ms: float
     substituted_max_age_ms: float
     chunks_missing: int
-    def __init__(self, agent_id: _Optional[int] = ..., status: _Optional[_Union[ContributionStatus, str]] = ..., sequence: _Optional[int] = ..., age_ms: _Optional[float] = ..., tiles_fresh: _Optional[int] = ..., tiles_substituted: _Optional[int] = ..., tiles_dropped: _Optional[int] = ..., substituted_age_ms: _Optional[float] = ..., substituted_max_age_ms: _Optional[float] = ..., chunks_missing: _Optional[int] = ...) -> None: ...
+    pose_corrected: bool
+    pose_correction_m: float
+    pose_correction_deg: float
+    matched_objects: int
+    def __init__(self, agent_id: _Optional[int] = ..., status: _Optional[_Union[ContributionStatus, str]] = ..., sequence: _Optional[int] = ..., age_ms: _Optional[float] = ..., tiles_fresh: _Optional[int] = ..., tiles_substituted: _Optional[int] = ..., tiles_dropped: _Optional[int] = ..., substituted_age_ms: _Optional[float] = ..., substituted_max_age_ms: _Optional[float] = ..., chunks_missing: _Optional[int] = ..., pose_corrected: _Optional[bool] = ..., pose_correction_m: _Optional[float] = ..., pose_correction_deg: _Optional[float] = ..., matched_objects: _Optional[int] = ...) -> None: ...
 
 class LinkStats(_message.Message):
     __slots__ = ("agent_id", "transport", "frames_received", "frames_refused", "frames_late", "chunks_received", "chunks_missing", "tiles_corrupt", "bytes_received", "loss_fraction", "delivered_bitrate_bps", "rtt_ms", "last_sequence", "last_receive_time_ns")

@@ -132,6 +132,8 @@ def full_feature_frame() -> protos.FeatureFrame:
         chunk_count=4,
         detections=_boxes(),
         auth_token="secret-token",
+        odometry=_pose(3.0),
+        pose_correction_sequence=1099511627700,
     )
 
 
@@ -155,6 +157,10 @@ def full_fused_frame(sequence: int = 1) -> protos.FusedFrame:
                 substituted_age_ms=100.0,
                 substituted_max_age_ms=200.0,
                 chunks_missing=2,
+                pose_corrected=True,
+                pose_correction_m=0.4,
+                pose_correction_deg=0.3,
+                matched_objects=5,
             ),
             protos.AgentContribution(
                 agent_id=-3,
@@ -167,6 +173,10 @@ def full_fused_frame(sequence: int = 1) -> protos.FusedFrame:
                 substituted_age_ms=50.0,
                 substituted_max_age_ms=50.0,
                 chunks_missing=1,
+                pose_corrected=True,
+                pose_correction_m=0.1,
+                pose_correction_deg=0.05,
+                matched_objects=3,
             ),
         ],
         link_stats=[

@@ -118,8 +118,32 @@ def boxes_from_proto(boxes: Iterable[Box3D]) -> np.ndarray:
 def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_from_agent: np.ndarray,
                   grid: GridSpec, codec_id: str, rate_level: int, tiles: Iterable[TileLike], tile_count: int,
                   detections: np.ndarray | None = None, session_id: int = 0, send_time_ns: int = 0,
-                  feature_dtype: int = FeatureDtype.FEATURE_DTYPE_UNSPECIFIED, auth_token: str = "") -> FeatureFrame:
-    """One agent-frame as a message (unchunked). ``feature_dtype`` matters for :data:`RAW_CODEC_ID` only."""
+                  feature_dtype: int = FeatureDtype.FEATURE_DTYPE_UNSPECIFIED, auth_token: str = "",
+                  pose_covariance: np.ndarray | None = None, odom_from_agent: np.ndarray | None = None,
+                  odometry_covariance: np.ndarray | None = None, pose_correction_sequence: int = 0) -> FeatureFrame:
+    """One agent-frame as a message (unchunked). ``feature_dtype`` matters for :data:`RAW_CODEC_ID` only.
+
+    ``pose_covariance`` and ``odometry_covariance`` are ``[6, 6]`` (see ``Pose.covariance``);
+    ``odom_from_agent`` is the agent's dead-reckoned pose (``FeatureFrame.odometry``).
+    """
+    frame = _feature_frame(agent_id=agent_id, sequence=sequence, capture_time_ns=capture_time_ns,
+                           world_from_agent=world_from_agent, grid=grid, codec_id=codec_id, rate_level=rate_level,
+                           tiles=tiles, tile_count=tile_count, detections=detections, session_id=session_id,
+                           send_time_ns=send_time_ns, feature_dtype=feature_dtype, auth_token=auth_token)
+    if pose_covariance is not None:
+        frame.pose.covariance.extend(np.asarray(pose_covariance, dtype=np.float64).ravel().tolist())
+    if odom_from_agent is not None:
+        frame.odometry.CopyFrom(pose_to_proto(odom_from_agent))
+        if odometry_covariance is not None:
+            frame.odometry.covariance.extend(np.asarray(odometry_covariance, dtype=np.float64).ravel().tolist())
+    frame.pose_correction_sequence = pose_correction_sequence
+    return frame
+
+
+def _feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_from_agent: np.ndarray,
+                   grid: GridSpec, codec_id: str, rate_level: int, tiles: Iterable[TileLike], tile_count: int,
+                   detections: np.ndarray | None, session_id: int, send_time_ns: int, feature_dtype: int,
+                   auth_token: str) -> FeatureFrame:
     return FeatureFrame(agent_id=agent_id, session_id=session_id, sequence=sequence,
                         capture_time_ns=capture_time_ns, send_time_ns=send_time_ns,
                         pose=pose_to_proto(world_from_agent), grid=grid.to_proto(), codec_id=codec_id,

@@ -45,6 +45,9 @@ class SyntheticWorld:
         self._object_rgb = np.where((self._object_kinds == sensors.PEDESTRIAN)[:, None],
                                     0.2 + 0.5 * palette.random((len(self._object_kinds), 3)),
                                     0.15 + 0.8 * palette.random((len(self._object_kinds), 3)))
+        noise = config.noise
+        self._pose_covariance = np.diag([noise.pose_xy_m ** 2, noise.pose_xy_m ** 2, 0.0, 0.0, 0.0,
+                                         np.deg2rad(noise.pose_yaw_deg) ** 2])  # what the agents' INS states
         self._calibration_error = {
             (a, c): _small_rotation(np.random.default_rng([config.seed, 7, a + 100, c]), config.noise.calibration_deg)
             for a in self.agent_ids for c in range(config.camera.count)}
@@ -96,6 +99,7 @@ class SyntheticWorld:
             points=points,
             cameras=tuple(self._camera(scene, true_pose, agent_id, c) for c in range(self.config.camera.count)),
             objects=self._objects_near(index, true_pose[:2, 3], agent_id),
+            pose_covariance=self._pose_covariance,
         )
 
     def _reported_pose(self, true_pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,100 @@
+"""LiDAR odometry: each sweep registered onto the previous one (open3d ICP), chained into a dead-reckoned pose.
+
+An agent's reported pose (GNSS/INS) is absolute but noisy from frame to frame; its own motion
+between two sweeps is what scan matching measures well (a few centimetres and hundredths of a
+degree per frame here). The agent sends both; the fusion node filters one with the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import open3d as o3d
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class OdometryConfig(BaseModel):
+    """Scan-to-scan ICP settings (an agent's ``odometry`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    voxel_m: float = Field(0.3, gt=0.0)
+    """Sweeps are thinned to one point per voxel of this size before matching."""
+    ground_clearance_m: float = Field(0.3, ge=0.0)
+    """Points lower than this above the ground are left out (a flat ground fixes no horizontal motion)."""
+    max_correspondence_m: float = Field(1.5, gt=0.0)
+    """Farthest a point may be from its match; frame-to-frame motion must stay within it (15 m/s at 10 Hz)."""
+    min_fitness: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of points that must find a match; below it the step is not trusted."""
+    sigma_xy_m: float = Field(0.03, ge=0.0)
+    """Reported standard deviation of one step's position (measured: 1-4 cm on the synthetic world)."""
+    sigma_yaw_deg: float = Field(0.03, ge=0.0)
+    """Reported standard deviation of one step's heading (measured: 0.01-0.04 degrees)."""
+    lost_sigma_xy_m: float = Field(5.0, gt=0.0)
+    """Standard deviation reported for a step that could not be matched (the motion is then a guess)."""
+    lost_sigma_yaw_deg: float = Field(5.0, gt=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class OdometryStep:
+    """The dead-reckoned pose after one sweep."""
+
+    odom_from_ground: np.ndarray  # [4, 4] the sweep's ground frame in the odometry frame
+    sigma_xy_m: float
+    """Standard deviation of the motion since the previous sweep (position)."""
+    sigma_yaw_rad: float
+    fitness: float
+    """Share of points matched (1.0 for the first sweep)."""
+
+
+class LidarOdometry:
+    """Chains scan-to-scan ICP into ``odom_from_ground``. Not thread-safe: one agent loop owns it."""
+
+    def __init__(self, config: OdometryConfig) -> None:
+        self.config = config
+        self._previous: o3d.geometry.PointCloud | None = None
+        self._odom_from_ground = np.eye(4)
+        self._last_motion = np.eye(4)
+
+    def _cloud(self, points_ground: np.ndarray) -> o3d.geometry.PointCloud:
+        xyz = np.asarray(points_ground[:, :3], dtype=np.float64)
+        xyz = xyz[xyz[:, 2] > self.config.ground_clearance_m]
+        cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz)).voxel_down_sample(self.config.voxel_m)
+        cloud.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=3 * self.config.voxel_m, max_nn=20))
+        return cloud
+
+    def step(self, points_ground: np.ndarray) -> OdometryStep:
+        """Register a sweep (``[N, >=3]`` in the agent's ground frame: z is height above the ground)."""
+        cloud = self._cloud(points_ground)
+        if self._previous is None or len(cloud.points) < 10 or len(self._previous.points) < 10:
+            self._previous = cloud
+            return OdometryStep(self._odom_from_ground.copy(), 0.0, 0.0, 1.0)
+        result = o3d.pipelines.registration.registration_icp(
+            cloud, self._previous, self.config.max_correspondence_m, self._last_motion,
+            o3d.pipelines.registration.TransformationEstimationPointToPlane(),
+            o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30))
+        self._previous = cloud
+        if result.fitness < self.config.min_fitness:
+            log.debug("odometry step not trusted: fitness %.2f", result.fitness)
+            self._odom_from_ground = self._odom_from_ground @ self._last_motion  # keep moving as before
+            return OdometryStep(self._odom_from_ground.copy(), self.config.lost_sigma_xy_m,
+                                float(np.deg2rad(self.config.lost_sigma_yaw_deg)), float(result.fitness))
+        motion = _planar(np.asarray(result.transformation))  # previous_from_current
+        self._last_motion = motion
+        self._odom_from_ground = self._odom_from_ground @ motion
+        return OdometryStep(self._odom_from_ground.copy(), self.config.sigma_xy_m,
+                            float(np.deg2rad(self.config.sigma_yaw_deg)), float(result.fitness))
+
+
+def _planar(transform: np.ndarray) -> np.ndarray:
+    """Keep the motion on the ground plane (x, y, heading): the BEV frames have no tilt."""
+    yaw = np.arctan2(transform[1, 0], transform[0, 0])
+    out = np.eye(4)
+    out[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
+    out[:2, 3] = transform[:2, 3]
+    return out

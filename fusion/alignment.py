@@ -1,0 +1,586 @@
+"""Online pose correction: agents' object lists registered against each other.
+
+Agents do not know exactly where they are. Every frame carries the agent's own
+detections, so the fusion node can see where the objects two agents both detect
+disagree and move the agent until they agree: a RANSAC fit of a planar rigid
+motion (x, y, heading) to matched box centres, refined by least squares over the
+inliers. The fit is then weighed against the pose the agent reported, with both
+covariances (a Kalman-style update), so that a pose the agent knows well is
+barely moved and an uncertain fit is not applied at all.
+
+All maths here is pure and planar; the stateful :class:`PoseCorrector` keeps a
+sliding window of each agent's corrections, whose steady part (a mount or
+calibration error) is sent back to the agent so that its later frames arrive
+corrected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.geometry import invert_se3, transform_boxes, wrap_angle_rad
+
+log = logging.getLogger(__name__)
+
+_J = np.array([[0.0, -1.0], [1.0, 0.0]])  # a quarter turn: d(R p)/d(theta) = J R p
+_CHI2_3DOF_999 = 16.27
+"""99.9 % quantile of chi-square with 3 degrees of freedom: the consistency gate of a correction."""
+
+
+class CorrectionConfig(BaseModel):
+    """How the fusion node corrects agents' poses (a launch file's ``fusion.correction`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    min_matches: int = Field(3, ge=2)
+    """Objects both sides must detect before a correction is applied."""
+    inlier_m: float = Field(0.6, gt=0.0)
+    """Largest distance between two detections of the same object after the fit."""
+    detection_sigma_m: float = Field(0.5, gt=0.0)
+    """Least position error (per axis) assumed for a detection in the fit's covariance: two agents see an
+    object from different sides, so their boxes disagree by more than their scatter about the fit shows."""
+    min_score: float = Field(0.3, ge=0.0, le=1.0)
+    """Detections below this score are not used for matching."""
+    search_sigmas: float = Field(3.0, gt=0.0)
+    """Candidate matches lie within this many standard deviations of the reported relative pose."""
+    max_shift_m: float = Field(3.0, gt=0.0)
+    """A correction that moves an agent by more than this is refused (and counted)."""
+    max_turn_deg: float = Field(3.0, gt=0.0)
+    """A correction that turns an agent by more than this is refused (and counted)."""
+    default_sigma_xy_m: float = Field(1.0, ge=0.0)
+    """Position uncertainty assumed for a pose that comes without a covariance."""
+    default_sigma_yaw_deg: float = Field(1.0, ge=0.0)
+    """Heading uncertainty assumed for a pose that comes without a covariance."""
+    window: int = Field(30, ge=2)
+    """Frames of each agent's corrections kept to estimate its steady error."""
+    feedback_min_frames: int = Field(10, ge=2)
+    """Applied corrections needed in the window before a steady error is sent back to the agent."""
+    feedback_min_shift_m: float = Field(0.1, ge=0.0)
+    feedback_min_turn_deg: float = Field(0.1, ge=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanarSigma:
+    """Standard deviations of a pose's planar part."""
+
+    xy_m: float
+    yaw_rad: float
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A fit of an agent's detections onto the reference's, as a correction of its relative pose.
+
+    The correction turns the agent by ``delta[2]`` about its origin, then moves it by ``delta[:2]``
+    (metres, radians; in the reference frame). ``covariance`` ``[3, 3]`` is that of ``delta``.
+    """
+
+    delta: np.ndarray  # [3] dx_m, dy_m, dyaw_rad
+    covariance: np.ndarray  # [3, 3]
+    matches: int
+    rms_m: float
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """What the corrector decided for one agent in one frame."""
+
+    agent_id: int
+    ref_from_agent: np.ndarray  # [4, 4] the pose to warp with (corrected, or as reported)
+    applied: bool
+    refused: bool
+    """The fit was found but moved the agent beyond the configured bound (counted apart)."""
+    reason: str
+    """Why it was not applied ('' when applied)."""
+    matches: int = 0
+    delta: np.ndarray = field(default_factory=lambda: np.zeros(3))  # [3] the correction applied
+
+
+def fit_se2(source_xy: np.ndarray, target_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares rotation ``[2, 2]`` and translation ``[2]`` with ``target ≈ R source + t`` (N >= 2)."""
+    src_mean, dst_mean = source_xy.mean(axis=0), target_xy.mean(axis=0)
+    cross = (source_xy - src_mean).T @ (target_xy - dst_mean)  # [2, 2]
+    angle = np.arctan2(cross[0, 1] - cross[1, 0], cross[0, 0] + cross[1, 1])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return rotation, dst_mean - rotation @ src_mean
+
+
+def correction_matrix(delta: np.ndarray, origin_xy: np.ndarray) -> np.ndarray:
+    """``[4, 4]`` that turns by ``delta[2]`` about ``origin_xy`` and then moves by ``delta[:2]``."""
+    c, s = np.cos(delta[2]), np.sin(delta[2])
+    out = np.eye(4)
+    out[:2, :2] = [[c, -s], [s, c]]
+    out[:2, 3] = origin_xy + delta[:2] - out[:2, :2] @ origin_xy
+    return out
+
+
+def relative_prior(ref: PlanarSigma, agent: PlanarSigma, origin_xy: np.ndarray) -> np.ndarray:
+    """``[3, 3]`` covariance of an agent's pose relative to the reference, at the agent's origin.
+
+    The agent's own errors move its origin and turn it about itself; the reference's heading error
+    also swings the agent's origin about the reference's (the farther, the more).
+    """
+    lever = _J @ origin_xy
+    cov = np.zeros((3, 3))
+    cov[:2, :2] = (ref.xy_m ** 2 + agent.xy_m ** 2) * np.eye(2) + ref.yaw_rad ** 2 * np.outer(lever, lever)
+    cov[:2, 2] = cov[2, :2] = ref.yaw_rad ** 2 * lever
+    cov[2, 2] = ref.yaw_rad ** 2 + agent.yaw_rad ** 2
+    return cov
+
+
+def _candidates(ref_xy: np.ndarray, agent_xy: np.ndarray, prior: np.ndarray, origin_xy: np.ndarray,
+                sigmas: float) -> np.ndarray:
+    """``[K, 2]`` (ref index, agent index) pairs close enough under the prior to be the same object."""
+    arm = np.linalg.norm(agent_xy - origin_xy, axis=1)  # a heading error moves far boxes more
+    spread = np.sqrt(np.trace(prior[:2, :2]) / 2 + prior[2, 2] * arm ** 2)  # [A]
+    distance = np.linalg.norm(ref_xy[:, None] - agent_xy[None], axis=2)  # [R, A]
+    return np.argwhere(distance <= sigmas * spread[None] + 0.5)
+
+
+def _inliers(ref_xy: np.ndarray, moved_xy: np.ndarray, radius_m: float) -> list[tuple[int, int]]:
+    """One-to-one matches within ``radius_m``, closest pairs first."""
+    distance = np.linalg.norm(ref_xy[:, None] - moved_xy[None], axis=2)
+    pairs = np.argwhere(distance <= radius_m)
+    pairs = pairs[np.argsort(distance[pairs[:, 0], pairs[:, 1]], kind="stable")]
+    used_r, used_a, out = set(), set(), []
+    for r, a in pairs:
+        if r not in used_r and a not in used_a:
+            used_r.add(r), used_a.add(a)
+            out.append((int(r), int(a)))
+    return out
+
+
+def _score(ref_xy: np.ndarray, moved_xy: np.ndarray, radius_m: float) -> tuple[int, float]:
+    matches = _inliers(ref_xy, moved_xy, radius_m)
+    residual = sum(np.sum((ref_xy[r] - moved_xy[a]) ** 2) for r, a in matches)
+    return len(matches), -residual
+
+
+def _hypotheses(ref_xy: np.ndarray, agent_xy: np.ndarray, pairs: np.ndarray, limit: int = 3000):
+    """Rigid motions from two candidate pairs each (or one, as a pure shift)."""
+    for r, a in pairs:
+        yield np.eye(2), ref_xy[r] - agent_xy[a]
+    count = 0
+    for (r1, a1), (r2, a2) in itertools.combinations(pairs, 2):
+        if r1 == r2 or a1 == a2:
+            continue
+        span_agent = np.linalg.norm(agent_xy[a1] - agent_xy[a2])
+        if span_agent < 2.0 or abs(span_agent - np.linalg.norm(ref_xy[r1] - ref_xy[r2])) > 1.0:
+            continue
+        yield fit_se2(agent_xy[[a1, a2]], ref_xy[[r1, r2]])
+        count += 1
+        if count >= limit:
+            return
+
+
+def register(ref_boxes: np.ndarray, agent_boxes: np.ndarray, origin_xy: np.ndarray, prior: np.ndarray,
+             config: CorrectionConfig) -> Registration | None:
+    """Fit the agent's detections (already placed in the reference frame by its reported pose) onto
+    the reference's.
+
+    Args:
+        ref_boxes: ``[R, >=2]`` the reference's detections (x, y first), reference frame.
+        agent_boxes: ``[A, >=2]`` the agent's detections moved into the reference frame.
+        origin_xy: ``[2]`` the agent's origin in the reference frame (the correction turns about it).
+        prior: ``[3, 3]`` covariance of the reported relative pose (:func:`relative_prior`).
+
+    Returns:
+        The best fit with at least ``config.min_matches`` matched objects, or None.
+    """
+    ref_xy, agent_xy = np.asarray(ref_boxes)[:, :2], np.asarray(agent_boxes)[:, :2]
+    if len(ref_xy) < config.min_matches or len(agent_xy) < config.min_matches:
+        return None
+    pairs = _candidates(ref_xy, agent_xy, prior, origin_xy, config.search_sigmas)
+    best, best_score = None, (0, 0.0)
+    for rotation, shift in _hypotheses(ref_xy, agent_xy, pairs):
+        score = _score(ref_xy, agent_xy @ rotation.T + shift, config.inlier_m)
+        if score > best_score:
+            best, best_score = (rotation, shift), score
+    if best is None or best_score[0] < config.min_matches:
+        return None
+    rotation, shift = best
+    for _ in range(3):  # refine on all inliers, re-associating each time
+        matches = _inliers(ref_xy, agent_xy @ rotation.T + shift, config.inlier_m)
+        if len(matches) < config.min_matches:
+            return None
+        r_idx, a_idx = np.array(matches).T
+        rotation, shift = fit_se2(agent_xy[a_idx], ref_xy[r_idx])
+    return _registration(ref_xy[r_idx], agent_xy[a_idx], rotation, shift, origin_xy, config.detection_sigma_m)
+
+
+def _registration(ref_xy: np.ndarray, agent_xy: np.ndarray, rotation: np.ndarray, shift: np.ndarray,
+                  origin_xy: np.ndarray, detection_sigma_m: float) -> Registration:
+    n = len(ref_xy)
+    residual = ref_xy - (agent_xy @ rotation.T + shift)
+    rms = float(np.sqrt(np.mean(np.sum(residual ** 2, axis=1))))
+    sigma = max(rms * np.sqrt(n / max(n - 3, 1)) / np.sqrt(2), detection_sigma_m)  # per axis
+    centroid = agent_xy.mean(axis=0)
+    spread = float(np.sum((agent_xy - centroid) ** 2))
+    var_yaw = sigma ** 2 / max(spread, 1e-6)
+    lever = _J @ (origin_xy - centroid)
+    cov = np.zeros((3, 3))
+    cov[:2, :2] = sigma ** 2 / n * np.eye(2) + var_yaw * np.outer(lever, lever)
+    cov[:2, 2] = cov[2, :2] = var_yaw * lever
+    cov[2, 2] = var_yaw
+    moved_origin = rotation @ origin_xy + shift
+    delta = np.array([*(moved_origin - origin_xy), np.arctan2(rotation[1, 0], rotation[0, 0])])
+    return Registration(delta=delta, covariance=cov, matches=n, rms_m=rms)
+
+
+def planar_delta(a_from_b: np.ndarray) -> np.ndarray:
+    """``[3]`` (x_m, y_m, yaw_rad) of a transform's planar part."""
+    return np.array([a_from_b[0, 3], a_from_b[1, 3], np.arctan2(a_from_b[1, 0], a_from_b[0, 0])])
+
+
+@dataclass(slots=True)
+class CorrectorCounters:
+    """What the corrector did, per agent."""
+
+    frames: int = 0
+    applied: int = 0
+    refused: int = 0
+    not_applied: dict[str, int] = field(default_factory=dict)
+    feedback_sent: int = 0
+
+    def as_dict(self) -> dict:
+        return {"frames": self.frames, "applied": self.applied, "refused": self.refused,
+                "not_applied": dict(self.not_applied), "feedback_sent": self.feedback_sent}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """One agent's frame as the corrector sees it."""
+
+    agent_id: int
+    ref_from_agent: np.ndarray  # [4, 4] as reported (the reference's reported pose composed with the agent's)
+    detections: np.ndarray  # [K, >=8] x, y, z, l, w, h, yaw, score in the agent's frame
+    sigma: PlanarSigma | None
+    """The agent's reported pose uncertainty (None: unknown, the configured default is assumed)."""
+    sequence: int = 0
+    odom_from_agent: np.ndarray | None = None  # [4, 4] the agent's dead-reckoned pose (None: no odometry)
+    odometry_sigma: PlanarSigma | None = None
+    """Uncertainty of the agent's motion since its previous frame."""
+
+
+class RelativeTrack:
+    """A Kalman filter of one agent's pose relative to the reference, over time.
+
+    Predicted with both agents' odometry (precise from frame to frame), updated with the relative
+    pose they report (noisy but unbiased) and with each registration of their object lists. The
+    error is a shift of the agent's origin and a turn about it, in the reference's axes.
+    """
+
+    def __init__(self, reference_id: int, view: AgentView, reference: AgentView, reported_cov: np.ndarray) -> None:
+        self.reference_id = reference_id
+        self.state = view.ref_from_agent.copy()
+        self.covariance = reported_cov
+        self.sequences = (reference.sequence, view.sequence)
+        self.odometry = (reference.odom_from_agent, view.odom_from_agent)
+
+    def can_predict(self, reference: AgentView, view: AgentView, max_gap: int) -> bool:
+        gaps = (reference.sequence - self.sequences[0], view.sequence - self.sequences[1])
+        return (all(o is not None for o in (*self.odometry, reference.odom_from_agent, view.odom_from_agent))
+                and reference.odometry_sigma is not None and view.odometry_sigma is not None
+                and all(0 <= g <= max_gap for g in gaps))
+
+    def predict(self, reference: AgentView, view: AgentView) -> None:
+        gaps = (reference.sequence - self.sequences[0], view.sequence - self.sequences[1])
+        ref_motion = invert_se3(self.odometry[0]) @ reference.odom_from_agent  # old reference from new
+        agent_motion = invert_se3(self.odometry[1]) @ view.odom_from_agent
+        moved = self.state @ agent_motion
+        jacobian = np.eye(3)
+        jacobian[:2, 2] = _J @ (moved[:2, 3] - self.state[:2, 3])  # a turn swings the agent's new origin
+        covariance = jacobian @ self.covariance @ jacobian.T
+        self.state = invert_se3(ref_motion) @ moved
+        turn = np.eye(3)
+        turn[:2, :2] = invert_se3(ref_motion)[:2, :2]
+        step_ref = PlanarSigma(reference.odometry_sigma.xy_m * np.sqrt(gaps[0]), reference.odometry_sigma.yaw_rad * np.sqrt(gaps[0]))
+        step_agent = PlanarSigma(view.odometry_sigma.xy_m * np.sqrt(gaps[1]), view.odometry_sigma.yaw_rad * np.sqrt(gaps[1]))
+        self.covariance = turn @ covariance @ turn.T + relative_prior(step_ref, step_agent, self.state[:2, 3])
+        self.sequences = (reference.sequence, view.sequence)
+        self.odometry = (reference.odom_from_agent, view.odom_from_agent)
+
+    def update(self, delta: np.ndarray, covariance: np.ndarray) -> np.ndarray | None:
+        """Fold in a measured correction of the state (``delta`` with ``covariance``); returns the step taken,
+        or None when the measurement disagrees with the state beyond both covariances (not used)."""
+        total = self.covariance + covariance + 1e-12 * np.eye(3)
+        if float(delta @ np.linalg.solve(total, delta)) > _CHI2_3DOF_999:
+            return None
+        gain = self.covariance @ np.linalg.inv(total)
+        step = gain @ delta
+        self.state = correction_matrix(step, self.state[:2, 3]) @ self.state
+        self.covariance = (np.eye(3) - gain) @ self.covariance
+        return step
+
+
+class PoseCorrector:
+    """Corrects agents' poses relative to the reference agent, frame by frame, and learns their steady errors.
+
+    Per agent a :class:`RelativeTrack` carries the estimate from frame to frame with both agents'
+    odometry; each frame it takes in the reported relative pose and a registration of the agent's
+    object list onto the reference's (and, for agents that share no objects with the reference,
+    onto those of the agents already corrected). Call :meth:`correct` once per fused frame. Not
+    thread-safe: one fusion thread owns it.
+    """
+
+    def __init__(self, config: CorrectionConfig, max_gap_frames: int = 20) -> None:
+        self.config = config
+        self.max_gap_frames = max_gap_frames
+        self.counters: dict[int, CorrectorCounters] = {}
+        self._window: dict[int, deque[np.ndarray]] = {}
+        self._tracks: dict[int, RelativeTrack] = {}
+
+    def _sigma(self, sigma: PlanarSigma | None) -> PlanarSigma:
+        if sigma is None:
+            return PlanarSigma(self.config.default_sigma_xy_m, np.deg2rad(self.config.default_sigma_yaw_deg))
+        return sigma
+
+    def correct(self, reference: AgentView, others: list[AgentView]) -> dict[int, Correction]:
+        """Corrections for ``others`` (keyed by agent id); the reference itself is never moved."""
+        ref_sigma = self._sigma(reference.sigma)
+        anchor = [self._usable(reference.detections)]
+        out: dict[int, Correction] = {}
+        tracks = {v.agent_id: self._track(reference, v, ref_sigma) for v in others}
+        pending = list(others)
+        for _ in range(2):
+            retry = []
+            for view in pending:
+                out[view.agent_id] = self._correct_one(view, tracks[view.agent_id], np.concatenate(anchor))
+                if out[view.agent_id].reason == "too few common objects":
+                    retry.append(view)
+                else:
+                    anchor.append(transform_boxes(tracks[view.agent_id].state, self._usable(view.detections)))
+            if not retry or len(retry) == len(pending):
+                break
+            pending = retry
+        for view in others:
+            self._count(view.agent_id, out[view.agent_id])
+        return out
+
+    def _track(self, reference: AgentView, view: AgentView, ref_sigma: PlanarSigma) -> RelativeTrack | None:
+        """The agent's track, moved to this frame and updated with the reported relative pose."""
+        if not self.config.enabled:
+            return None
+        reported_cov = relative_prior(ref_sigma, self._sigma(view.sigma), view.ref_from_agent[:2, 3])
+        track = self._tracks.get(view.agent_id)
+        if track is None or track.reference_id != reference.agent_id or not track.can_predict(
+                reference, view, self.max_gap_frames):
+            track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
+            return track
+        track.predict(reference, view)
+        if track.update(_planar_error(view.ref_from_agent, track.state), reported_cov) is None:
+            log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
+            track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
+        return track
+
+    def _usable(self, detections: np.ndarray) -> np.ndarray:
+        detections = np.asarray(detections, dtype=np.float64)
+        if detections.ndim != 2 or len(detections) == 0:
+            return np.zeros((0, 7))
+        keep = detections[:, 7] >= self.config.min_score if detections.shape[1] > 7 else slice(None)
+        return detections[keep, :7]
+
+    def _correct_one(self, view: AgentView, track: RelativeTrack | None, anchor: np.ndarray) -> Correction:
+        reported = view.ref_from_agent
+        if track is None:
+            return Correction(view.agent_id, reported, False, False, "correction disabled")
+        if np.trace(track.covariance) < 1e-12:
+            return Correction(view.agent_id, reported, False, False, "reported pose is exact")
+        origin = track.state[:2, 3]
+        moved = transform_boxes(track.state, self._usable(view.detections))
+        fit = register(anchor, moved, origin, track.covariance, self.config)
+        reason, matches = "", 0
+        if fit is None:
+            reason = "too few common objects"
+        else:
+            matches = fit.matches
+            if track.update(fit.delta, fit.covariance) is None:
+                reason = "fit disagrees with the reported covariance"
+        estimate = track.state
+        delta = _planar_error(estimate, reported)
+        shift, turn = float(np.hypot(*delta[:2])), float(np.rad2deg(abs(delta[2])))
+        if shift > self.config.max_shift_m or turn > self.config.max_turn_deg:
+            log.warning("agent %d: correction of %.2f m / %.2f deg exceeds the bound of %.2f m / %.2f deg; not applied",
+                        view.agent_id, shift, turn, self.config.max_shift_m, self.config.max_turn_deg)
+            self._tracks.pop(view.agent_id, None)
+            return Correction(view.agent_id, reported, False, True,
+                              f"correction of {shift:.2f} m / {turn:.2f} deg exceeds the bound", matches, delta)
+        if reason == "":
+            self._remember(view.agent_id, invert_se3(reported) @ estimate)
+        # Applied whenever the track moved it: odometry carries earlier registrations even through a frame
+        # that shares no objects.
+        return Correction(view.agent_id, estimate.copy(), True, False, reason, matches, delta)
+
+    def _count(self, agent_id: int, result: Correction) -> None:
+        counters = self.counters.setdefault(agent_id, CorrectorCounters())
+        counters.frames += 1
+        if result.applied:
+            counters.applied += 1
+        if result.refused:
+            counters.refused += 1
+        elif result.reason:
+            counters.not_applied[result.reason] = counters.not_applied.get(result.reason, 0) + 1
+
+    def _remember(self, agent_id: int, agent_correction: np.ndarray) -> None:
+        window = self._window.setdefault(agent_id, deque(maxlen=self.config.window))
+        window.append(planar_delta(agent_correction))
+
+    def steady_error(self, agent_id: int) -> np.ndarray | None:
+        """``[4, 4]`` the agent's steady pose error in its own frame (``corrected = reported @ it``), when the
+        window shows one clearly (median beyond its spread and the configured minimum), else None."""
+        window = self._window.get(agent_id)
+        if window is None or len(window) < self.config.feedback_min_frames:
+            return None
+        deltas = np.stack(window)
+        median = np.median(deltas, axis=0)
+        spread = 1.4826 * np.median(np.abs(deltas - median), axis=0) / np.sqrt(len(deltas))  # robust standard error
+        shift, turn = float(np.hypot(*median[:2])), float(np.rad2deg(abs(median[2])))
+        clear = np.abs(median) > 3.0 * spread
+        if not ((shift >= self.config.feedback_min_shift_m and clear[:2].any())
+                or (turn >= self.config.feedback_min_turn_deg and clear[2])):
+            return None
+        return correction_matrix(np.array([median[0], median[1], wrap_angle_rad(median[2])]), np.zeros(2))
+
+    def forget(self, agent_id: int) -> None:
+        """Drop the agent's window of corrections (after it was told its steady error: later frames carry it)."""
+        self._window.pop(agent_id, None)
+
+
+class FilterConfig(BaseModel):
+    """How the fusion node filters each agent's reported pose with its odometry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    max_gap_frames: int = Field(20, ge=1)
+    """A gap of more sequences than this since the agent's last frame restarts its filter."""
+
+
+@dataclass(frozen=True, slots=True)
+class FilteredPose:
+    """An agent's pose after filtering, and its uncertainty."""
+
+    world_from_agent: np.ndarray  # [4, 4]
+    sigma: PlanarSigma
+
+
+def _planar_error(target: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+    """``[3]``: the shift of the origin (world axes) and the turn about it that move ``estimate`` onto ``target``."""
+    turn = np.arctan2(target[1, 0], target[0, 0]) - np.arctan2(estimate[1, 0], estimate[0, 0])
+    return np.array([target[0, 3] - estimate[0, 3], target[1, 3] - estimate[1, 3], wrap_angle_rad(turn)])
+
+
+class PoseFilter:
+    """A Kalman filter of one agent's planar pose: predicted with its odometry, updated with its reported pose.
+
+    Reported poses (GNSS/INS) are absolute but noisy frame to frame; odometry (scan matching) is
+    precise frame to frame but drifts. Together they are better than either. The state error is
+    a shift of the agent's origin (world axes) and a turn about it. Frames must come in sequence
+    order; an older frame than the last one is answered from the recent estimates (or as reported).
+    """
+
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+        self._sequence: int | None = None
+        self._estimate = np.eye(4)
+        self._covariance = np.zeros((3, 3))
+        self._odom_from_agent = np.eye(4)
+        self._recent: dict[int, FilteredPose] = {}
+
+    def reset(self) -> None:
+        self._sequence = None
+        self._recent.clear()
+
+    def update(self, sequence: int, world_from_agent: np.ndarray, sigma: PlanarSigma,
+               odom_from_agent: np.ndarray | None, odometry_sigma: PlanarSigma | None) -> FilteredPose:
+        """The filtered pose of frame ``sequence`` (``world_from_agent`` as reported, with ``sigma``)."""
+        measured = np.diag([sigma.xy_m ** 2, sigma.xy_m ** 2, sigma.yaw_rad ** 2])
+        if sequence in self._recent:
+            return self._recent[sequence]
+        if self._sequence is not None and sequence < self._sequence:
+            return FilteredPose(world_from_agent, sigma)
+        gap = None if self._sequence is None else sequence - self._sequence
+        if (not self.config.enabled or odom_from_agent is None or odometry_sigma is None or gap is None
+                or gap > self.config.max_gap_frames):
+            self._estimate, self._covariance = world_from_agent.copy(), measured
+        else:
+            self._predict(odom_from_agent, odometry_sigma, gap)
+            self._correct(world_from_agent, measured)
+        self._sequence = sequence
+        if odom_from_agent is not None:
+            self._odom_from_agent = odom_from_agent
+        cov = self._covariance
+        result = FilteredPose(self._estimate.copy(), PlanarSigma(float(np.sqrt(max(cov[0, 0] + cov[1, 1], 0.0) / 2)),
+                                                                 float(np.sqrt(max(cov[2, 2], 0.0)))))
+        self._recent[sequence] = result
+        while len(self._recent) > 32:
+            del self._recent[min(self._recent)]
+        return result
+
+    def _predict(self, odom_from_agent: np.ndarray, step: PlanarSigma, gap: int) -> None:
+        motion = invert_se3(self._odom_from_agent) @ odom_from_agent  # previous frame from this one
+        predicted = self._estimate @ motion
+        lever = predicted[:2, 3] - self._estimate[:2, 3]
+        jacobian = np.eye(3)
+        jacobian[:2, 2] = _J @ lever  # a turn at the previous frame swings this one's origin
+        noise = gap * np.diag([step.xy_m ** 2, step.xy_m ** 2, step.yaw_rad ** 2])
+        self._estimate = predicted
+        self._covariance = jacobian @ self._covariance @ jacobian.T + noise
+
+    def _correct(self, world_from_agent: np.ndarray, measured: np.ndarray) -> None:
+        innovation = _planar_error(world_from_agent, self._estimate)
+        total = self._covariance + measured + 1e-12 * np.eye(3)
+        gain = self._covariance @ np.linalg.inv(total)
+        delta = gain @ innovation
+        self._estimate = correction_matrix(delta, self._estimate[:2, 3]) @ self._estimate
+        self._covariance = (np.eye(3) - gain) @ self._covariance
+
+
+class PoseHistory:
+    """An agent's recent (filtered) poses by capture time, to place evidence at another time.
+
+    Between two known poses the pose is interpolated (position linearly, heading along the
+    shorter turn); beyond the newest it is extrapolated at the last velocity for at most
+    ``max_extrapolation_ns``.
+    """
+
+    def __init__(self, keep: int = 32, max_extrapolation_ns: int = 300_000_000) -> None:
+        self.keep = keep
+        self.max_extrapolation_ns = max_extrapolation_ns
+        self._times: list[int] = []
+        self._poses: list[np.ndarray] = []
+
+    def add(self, time_ns: int, world_from_agent: np.ndarray) -> None:
+        if self._times and time_ns <= self._times[-1]:
+            if time_ns in self._times:
+                self._poses[self._times.index(time_ns)] = world_from_agent
+            return
+        self._times.append(time_ns)
+        self._poses.append(world_from_agent)
+        del self._times[:-self.keep], self._poses[:-self.keep]
+
+    def at(self, time_ns: int) -> np.ndarray | None:
+        """``world_from_agent`` at ``time_ns`` (None with no pose known)."""
+        if not self._times:
+            return None
+        if len(self._times) == 1 or time_ns <= self._times[0]:
+            return self._poses[0 if time_ns <= self._times[0] else -1]
+        k = int(np.searchsorted(self._times, time_ns))
+        if k >= len(self._times):  # beyond the newest: the last motion, continued
+            time_ns = min(time_ns, self._times[-1] + self.max_extrapolation_ns)
+            k = len(self._times) - 1
+        t0, t1 = self._times[k - 1], self._times[k]
+        return _between(self._poses[k - 1], self._poses[k], (time_ns - t0) / (t1 - t0))
+
+
+def _between(a: np.ndarray, b: np.ndarray, share: float) -> np.ndarray:
+    """The pose ``share`` of the way from ``a`` to ``b`` (beyond 1: continued) in the plane."""
+    step = _planar_error(b, a) * share
+    return correction_matrix(step, a[:2, 3]) @ a

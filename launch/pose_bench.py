@@ -1,0 +1,222 @@
+"""``cpstream bench pose``: fusion AP under pose noise, with and without the fusion node's online correction.
+
+The held-out world is generated once; each noise level then replaces every agent's reported pose by
+the true one with Gaussian errors (position in metres, heading in degrees, turned about the agent),
+the same unit draws scaled by the level, so levels differ only in size. Agents report the covariance
+of their pose error, as a GNSS/INS does. Per frame every agent detects alone; the corrector
+(:class:`fusion.alignment.PoseCorrector`, as the fusion node runs it) registers their object lists;
+intermediate and late fusion then run on the reported and on the corrected poses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents import SceneFrame
+from agents.node import ground_points, ground_pose
+from agents.odometry import LidarOdometry, OdometryConfig, OdometryStep
+from fusion.alignment import (AgentView, CorrectionConfig, FilterConfig, PlanarSigma, PoseCorrector, PoseFilter,
+                              planar_delta)
+from fusion.calibration import perturb_pose
+from launch.console import console, progress
+from launch.datasets import HELD_OUT_SEED, scene_frames
+from launch.eval_cmd import DEFAULT_CHECKPOINT
+from launch.samples import coop_sample
+from launch.world_cmd import world_config
+from models.bev import aligned_bev_frame
+from models.cooperative import merge_late
+from models.detector import BevDetector, load_checkpoint
+from models.geometry import invert_se3
+from models.metrics import APAccumulator
+
+NOISE_DRAW = 7919
+"""Mixed into each agent's noise seed, apart from the world's own streams."""
+
+
+def noisy_frame(frame: SceneFrame, sigma: float, seed: int) -> SceneFrame:
+    """``frame`` with every agent's reported pose redrawn around its true pose (``sigma`` metres and degrees)."""
+    agents = {}
+    for agent_id, agent in frame.agents.items():
+        rng = np.random.default_rng([seed, frame.frame_index, agent_id + 100, NOISE_DRAW])
+        pose = perturb_pose(agent.true_world_from_lidar, sigma, sigma, rng)
+        agents[agent_id] = replace(agent, world_from_lidar=pose)
+    return replace(frame, agents=agents)
+
+
+def true_ego_from_agent(frame: SceneFrame, order: list[int], lattice_m: float) -> np.ndarray:
+    """``[A, 4, 4]`` where each agent's BEV frame (built from its reported pose) really is, in the ego's."""
+    true_world_from_bev = []
+    for agent_id in order:
+        agent = frame.agents[agent_id]
+        _, bev_from_ground = aligned_bev_frame(ground_pose(agent), lattice_m)
+        true_world_from_bev.append(ground_pose(agent, true=True) @ invert_se3(bev_from_ground))
+    ego_from_world = invert_se3(true_world_from_bev[0])
+    return np.stack([ego_from_world @ m for m in true_world_from_bev])
+
+
+def pose_error(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(metres, degrees) between two poses of the same frame, at its origin."""
+    delta = planar_delta(invert_se3(truth) @ estimate)
+    return float(np.hypot(delta[0], delta[1])), float(np.rad2deg(abs(delta[2])))
+
+
+METHODS = ("reported", "registration", "odometry", "odometry+registration")
+"""Poses fused: as reported; corrected by object registration frame by frame; each agent's pose filtered with
+its odometry alone; relative poses tracked with odometry and registration (what the fusion node does, and
+what ``correction: true`` means in the result)."""
+
+
+def odometry_track(frames: list[SceneFrame], config: OdometryConfig) -> dict[tuple[int, int], OdometryStep]:
+    """Each agent's scan-to-scan odometry over the frames, keyed by (frame index, agent id)."""
+    tracks = {a: LidarOdometry(config) for a in frames[0].agents}
+    with progress() as bar:
+        task = bar.add_task("lidar odometry", total=len(frames))
+        out = {}
+        for frame in frames:
+            for agent_id, agent in frame.agents.items():
+                out[(frame.frame_index, agent_id)] = tracks[agent_id].step(ground_points(agent))
+            bar.advance(task)
+    return out
+
+
+@torch.no_grad()
+def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: dict, odometry: dict, seed: int):
+    """Detections per (fusion, method) for one frame, its ground truth and the pose errors."""
+    device = next(detector.parameters()).device
+    noisy = noisy_frame(frame, sigma, seed)
+    sample = coop_sample(noisy, detector.grid, detector.feature_cell_m)
+    order = [noisy.ego_id] + [a for a in sorted(noisy.agents) if a != noisy.ego_id]
+    truth = true_ego_from_agent(noisy, order, detector.feature_cell_m)
+    sensing = [k for k, p in enumerate(sample.points) if len(p)]
+    features = detector.features([torch.from_numpy(sample.points[k]).to(device) for k in sensing])
+    per_agent = [d[:, :8].cpu().numpy().astype(np.float64) for d in detector.detect(features)]
+    report = PlanarSigma(sigma, float(np.deg2rad(sigma)))
+    filtered, odom_from_agent = {}, {}
+    for agent_id in order:
+        world_from_bev, bev_from_ground = aligned_bev_frame(ground_pose(noisy.agents[agent_id]), detector.feature_cell_m)
+        step = odometry[(frame.frame_index, agent_id)]
+        odom_from_agent[agent_id] = (step.odom_from_ground @ invert_se3(bev_from_ground),
+                                     PlanarSigma(step.sigma_xy_m, step.sigma_yaw_rad))
+        filtered[agent_id] = state["filters"][agent_id].update(frame.frame_index, world_from_bev, report,
+                                                              *odom_from_agent[agent_id])
+    ego_from_world = invert_se3(filtered[order[0]].world_from_agent)
+    poses = {"reported": sample.ego_from_agent[sensing],
+             "odometry": np.stack([ego_from_world @ filtered[order[k]].world_from_agent for k in sensing])}
+    applied = {}
+    for name, with_odometry in (("registration", False), ("odometry+registration", True)):
+        views = [AgentView(order[k], poses["reported"][i], per_agent[i], report, frame.frame_index,
+                           *(odom_from_agent[order[k]] if with_odometry else (None, None)))
+                 for i, k in enumerate(sensing)]
+        corrections = state[name].correct(views[0], views[1:]) if sensing[0] == 0 else {}
+        poses[name] = np.stack([corrections[v.agent_id].ref_from_agent if v.agent_id in corrections
+                                else v.ref_from_agent for v in views])
+        applied[name] = [bool(corrections.get(v.agent_id) and corrections[v.agent_id].applied) for v in views]
+    out = {}
+    for method in METHODS:
+        merged = detector.fuse(features, torch.as_tensor(poses[method], dtype=torch.float32, device=device))
+        out[("intermediate", method)] = detector.detect(merged)[0][:, :8].cpu().numpy()
+        out[("late", method)] = merge_late(per_agent, poses[method], detector.config.nms_iou_threshold)
+    errors = {m: [(*pose_error(poses[m][i], truth[k]), applied.get(m, [True] * len(sensing))[i])
+                  for i, k in enumerate(sensing) if i > 0] for m in METHODS}
+    return out, sample.gt_boxes, errors
+
+
+def _residual(errors: dict[str, list[tuple]], sigma: float) -> dict:
+    """Median pose error of the non-ego agents relative to the ego, per method."""
+
+    def stats(rows: np.ndarray) -> dict:
+        if not len(rows):
+            return {"xy_m": None, "yaw_deg": None}
+        return {"xy_m": round(float(np.median(rows[:, 0])), 4), "yaw_deg": round(float(np.median(rows[:, 1])), 4)}
+
+    out = {"noise": sigma}
+    for method, rows in errors.items():
+        e = np.array([r[:2] for r in rows]).reshape(-1, 2)
+        out[method] = {**stats(e), "agent_frames": len(e),
+                       "applied_share": round(float(np.mean([r[2] for r in rows])), 4) if rows else None}
+    return out
+
+
+def bench_pose(args: argparse.Namespace) -> dict:
+    levels = [float(x) for x in str(args.noise_levels).split(",") if x.strip()]
+    detector = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)[0].eval()
+    if args.seed is None:
+        args.seed = HELD_OUT_SEED
+    args.pose_noise = None
+    config = world_config(args)
+    world = config.model_copy(update={"camera": config.camera.model_copy(update={"count": 0})})
+    total, frames_iter = scene_frames(None, world)
+    with progress() as bar:
+        task = bar.add_task("generating the world", total=total)
+        frames = []
+        for frame in frames_iter:
+            frames.append(frame)
+            bar.advance(task)
+    odometry = odometry_track(frames, OdometryConfig(enabled=True))
+    runs, ablation, residuals = [], [], []
+    for sigma in levels:
+        state = {"filters": {a: PoseFilter(FilterConfig()) for a in frames[0].agents},
+                 "registration": PoseCorrector(CorrectionConfig()),
+                 "odometry+registration": PoseCorrector(CorrectionConfig())}
+        scores = {(mode, m): APAccumulator() for mode in ("intermediate", "late") for m in METHODS}
+        errors = {m: [] for m in METHODS}
+        with progress() as bar:
+            task = bar.add_task(f"pose noise {sigma:g} m / {sigma:g} deg", total=len(frames))
+            for frame in frames:
+                out, gt, frame_errors = _frame_runs(detector, frame, sigma, state, odometry, args.seed)
+                for key, det in out.items():
+                    det = det[detector.grid.contains(det[:, :2])] if len(det) else det
+                    scores[key].add_frame(det, gt)
+                for m, rows in frame_errors.items():
+                    errors[m].extend(rows)
+                bar.advance(task)
+        for (mode, method), acc in scores.items():
+            ap = {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in acc.result().items()}
+            ablation.append({"noise": sigma, "fusion": mode, "poses": method, "ap": ap})
+            if method in ("reported", "odometry+registration"):
+                runs.append({"noise": sigma, "fusion": mode, "correction": method != "reported", "ap": ap})
+            console.print(f"noise {sigma:g}: {mode:>12} {method:>20}: AP {ap}")
+        residuals.append(_residual(errors, sigma))
+        residuals[-1]["corrector"] = {a: c.as_dict() for a, c in state["odometry+registration"].counters.items()}
+        console.print(f"noise {sigma:g}: pose error {residuals[-1]}")
+    top = max(residuals, key=lambda r: r["noise"])
+    result = {"data": f"synthetic seed {args.seed}", "agents": world.agents, "frames": len(frames),
+              "checkpoint": Path(args.checkpoint or DEFAULT_CHECKPOINT).name, "runs": runs,
+              "residual": {"xy_m": top["odometry+registration"]["xy_m"], "yaw_deg": top["odometry+registration"]["yaw_deg"],
+                           "noise": top["noise"], "statistic": "median over non-ego agent-frames",
+                           "as_reported": {k: top["reported"][k] for k in ("xy_m", "yaw_deg")}},
+              "residual_by_noise": residuals, "ablation": ablation}
+    if args.plot is not None:
+        plot_pose(result, args.plot)
+    return result
+
+
+def plot_pose(result: dict, path: Path) -> None:
+    """AP@0.5 and AP@0.7 against pose noise, with and without correction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, iou in zip(axes, ("0.5", "0.7")):
+        for mode, colour in (("intermediate", "tab:blue"), ("late", "tab:orange")):
+            for fixed, style in ((True, "-"), (False, "--")):
+                rows = [r for r in result["runs"] if r["fusion"] == mode and r["correction"] == fixed]
+                ax.plot([r["noise"] for r in rows], [r["ap"][iou] for r in rows], style, color=colour, marker="o",
+                        label=f"{mode}, {'corrected' if fixed else 'as reported'}")
+        ax.set_title(f"AP@{iou}")
+        ax.set_xlabel("pose noise σ (m and degrees)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("AP")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['data']}, {result['agents']} agents, {result['frames']} frames")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
