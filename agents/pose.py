@@ -61,6 +61,11 @@ class ReportedPose:
         self.last_error = ""
 
     @property
+    def agent_from_corrected(self) -> np.ndarray:
+        """``[4, 4]`` the correction applied now, in the agent's own frame (``reported = own @ it``)."""
+        return self._current.agent_from_corrected.copy()
+
+    @property
     def sequence(self) -> int:
         """The correction carried by frames reported from now on (0: none)."""
         return self._current.sequence

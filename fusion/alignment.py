@@ -544,16 +544,18 @@ class PoseFilter:
 
 
 class PoseHistory:
-    """An agent's recent (filtered) poses by capture time, to place evidence at another time.
+    """An agent's recent poses by capture time, to place it at another time.
 
-    Between two known poses the pose is interpolated (position linearly, heading along the
-    shorter turn); beyond the newest it is extrapolated at the last velocity for at most
-    ``max_extrapolation_ns``.
+    Between two known poses the pose is interpolated (position linearly, heading along the shorter
+    turn). Beyond the newest it is extrapolated, for at most ``max_extrapolation_ns``, along a straight
+    line fitted to the last ``fit_poses`` poses: BEV frames sit on the feature lattice, so single poses
+    step by whole cells, and a line through the last two would carry a step forward.
     """
 
-    def __init__(self, keep: int = 32, max_extrapolation_ns: int = 300_000_000) -> None:
+    def __init__(self, keep: int = 32, max_extrapolation_ns: int = 300_000_000, fit_poses: int = 6) -> None:
         self.keep = keep
         self.max_extrapolation_ns = max_extrapolation_ns
+        self.fit_poses = fit_poses
         self._times: list[int] = []
         self._poses: list[np.ndarray] = []
 
@@ -572,15 +574,29 @@ class PoseHistory:
             return None
         if len(self._times) == 1 or time_ns <= self._times[0]:
             return self._poses[0 if time_ns <= self._times[0] else -1]
+        if time_ns >= self._times[-1]:
+            return self._extrapolated(min(time_ns, self._times[-1] + self.max_extrapolation_ns))
         k = int(np.searchsorted(self._times, time_ns))
-        if k >= len(self._times):  # beyond the newest: the last motion, continued
-            time_ns = min(time_ns, self._times[-1] + self.max_extrapolation_ns)
-            k = len(self._times) - 1
         t0, t1 = self._times[k - 1], self._times[k]
         return _between(self._poses[k - 1], self._poses[k], (time_ns - t0) / (t1 - t0))
 
+    def _extrapolated(self, time_ns: int) -> np.ndarray:
+        times = np.array(self._times[-self.fit_poses:], dtype=np.float64)
+        last = self._poses[-1]
+        planar = np.array([[p[0, 3], p[1, 3], np.arctan2(p[1, 0], p[0, 0])] for p in self._poses[-self.fit_poses:]])
+        planar[:, 2] = np.unwrap(planar[:, 2])
+        at = (time_ns - times[-1]) / 1e9
+        design = np.stack([np.ones_like(times), (times - times[-1]) / 1e9], axis=1)  # [n, 2]
+        coef, *_ = np.linalg.lstsq(design, planar, rcond=None)  # [2, 3] value now, rate
+        x, y, yaw = coef[0] + coef[1] * at
+        out = last.copy()
+        c, s_ = np.cos(yaw - planar[-1, 2]), np.sin(yaw - planar[-1, 2])
+        out[:3, :3] = np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]]) @ last[:3, :3]
+        out[:2, 3] = [x, y]
+        return out
+
 
 def _between(a: np.ndarray, b: np.ndarray, share: float) -> np.ndarray:
-    """The pose ``share`` of the way from ``a`` to ``b`` (beyond 1: continued) in the plane."""
+    """The pose ``share`` of the way from ``a`` to ``b`` in the plane."""
     step = _planar_error(b, a) * share
     return correction_matrix(step, a[:2, 3]) @ a

@@ -559,7 +559,7 @@ class FusionNode(FusionServicer):
             state.latest = c
         state.history.add(c.capture_time_ns, c.world_from_agent)
         for reason in c.set_aside:
-            key = _reason_key(reason)
+            key = reason.split(":")[0]
             state.set_aside[key] = state.set_aside.get(key, 0) + 1
             log.warning("agent %d frame %d: %s; used without it", state.agent_id, c.sequence, reason)
 

@@ -52,7 +52,8 @@ class Contribution:
     """Uncertainty of the agent's motion since its previous frame."""
     pose_correction_sequence: int = 0
     set_aside: tuple[str, ...] = ()
-    """Parts of the frame that failed their checks and were left out (the frame itself is used)."""
+    """Parts of the frame that failed their checks and were left out (the frame itself is used), each
+    ``"<part>: <what is wrong>"`` with part ``pose covariance``, ``odometry`` or ``calibration``."""
 
 
 def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
@@ -148,7 +149,7 @@ def _pose_extras(frame: FeatureFrame) -> tuple[PlanarSigma | None, np.ndarray | 
     set_aside = []
     pose_sigma = odometry = odometry_sigma = None
     try:
-        pose_sigma = _sigma(pose_estimate_from_proto(frame.pose, "pose").covariance)
+        pose_sigma = _sigma(pose_estimate_from_proto(frame.pose, "pose covariance").covariance)
     except CalibrationError as err:
         set_aside.append(str(err))
     if frame.HasField("odometry"):
@@ -159,7 +160,7 @@ def _pose_extras(frame: FeatureFrame) -> tuple[PlanarSigma | None, np.ndarray | 
             set_aside.append(str(err))
     if frame.HasField("calibration"):
         try:
-            calibration_from_proto(frame.calibration, f"agent {frame.agent_id}")
+            calibration_from_proto(frame.calibration, "calibration")
         except CalibrationError as err:
             set_aside.append(str(err))
     return pose_sigma, odometry, odometry_sigma, tuple(set_aside)

@@ -167,5 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
     parser.add_argument("--noise-levels", default="0,0.2,0.4,0.6",
                         help="pose: pose noise levels, metres and degrees alike, comma-separated")
+    parser.add_argument("--no-latency", dest="latency", action="store_false",
+                        help="pose: skip the delayed-agents runs (latency compensation)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_bench)

@@ -126,6 +126,46 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
     return out, sample.gt_boxes, errors
 
 
+@torch.no_grad()
+def latency_runs(detector: BevDetector, frames: list[SceneFrame], delays: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
+    """Intermediate-fusion AP when the other agents' newest frames are ``delay`` frames old: their features
+    placed with the pose of their own capture (what the fusion node does: every frame carries its pose) or,
+    naively, with the agents' current poses (as if captured now). Exact poses; objects keep moving."""
+    device = next(detector.parameters()).device
+    lattice = detector.feature_cell_m
+    scores = {(d, comp): APAccumulator() for d in (0, *delays) for comp in (True, False)}
+    past: list[tuple[dict, dict]] = []  # per frame: agent -> world_from_bev, agent -> features [1, C, h, w]
+    with progress() as bar:
+        task = bar.add_task("delayed agents", total=len(frames))
+        for frame in frames:
+            sample = coop_sample(frame, detector.grid, lattice)
+            order = [frame.ego_id] + [a for a in sorted(frame.agents) if a != frame.ego_id]
+            poses = {a: aligned_bev_frame(ground_pose(frame.agents[a]), lattice)[0] for a in order}
+            features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
+            past = (past + [(poses, {a: features[i:i + 1] for i, a in enumerate(order)})])[-(max(delays) + 1):]
+            ego_from_world = invert_se3(poses[order[0]])
+            for d in (0, *delays):
+                if d >= len(past):
+                    continue
+                then_poses, then_features = past[-1 - d]
+                stack = torch.cat([features[:1]] + [then_features[a] for a in order[1:]])
+                for comp in (True, False):
+                    placed = [np.eye(4)] + [ego_from_world @ (then_poses[a] if comp else poses[a]) for a in order[1:]]
+                    merged = detector.fuse(stack, torch.as_tensor(np.stack(placed), dtype=torch.float32, device=device))
+                    det = detector.detect(merged)[0][:, :8].cpu().numpy()
+                    det = det[detector.grid.contains(det[:, :2])] if len(det) else det
+                    scores[(d, comp)].add_frame(det, sample.gt_boxes)
+            bar.advance(task)
+    out = []
+    for (d, comp), acc in scores.items():
+        if d == 0 and not comp:
+            continue
+        ap = {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in acc.result().items()}
+        out.append({"delay_ms": d * 100, "pose_at": "capture" if comp else "now", "ap": ap, "frames": acc.frames})
+        console.print(f"others {d * 100} ms late, placed with the pose {'at capture' if comp else 'of now'}: AP {ap}")
+    return out
+
+
 def _residual(errors: dict[str, list[tuple]], sigma: float) -> dict:
     """Median pose error of the non-ego agents relative to the ego, per method."""
 
@@ -190,7 +230,8 @@ def bench_pose(args: argparse.Namespace) -> dict:
               "residual": {"xy_m": top["odometry+registration"]["xy_m"], "yaw_deg": top["odometry+registration"]["yaw_deg"],
                            "noise": top["noise"], "statistic": "median over non-ego agent-frames",
                            "as_reported": {k: top["reported"][k] for k in ("xy_m", "yaw_deg")}},
-              "residual_by_noise": residuals, "ablation": ablation}
+              "residual_by_noise": residuals, "ablation": ablation,
+              "latency": latency_runs(detector, frames) if args.latency else []}
     if args.plot is not None:
         plot_pose(result, args.plot)
     return result

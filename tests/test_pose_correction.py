@@ -1,0 +1,158 @@
+"""Pose correction in the fusion node, with real agents' frames (in memory, no network).
+
+Agents compute real frames of a synthetic world; the test hands them to a fusion node's receive
+path, fuses each slot and hands the node's ``Control`` messages back to the agents, as the gRPC
+stream would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents import AgentNode, AgentNodeConfig, FrameSource, SourceConfig, WorldConfig
+from agents.odometry import OdometryConfig
+from fusion import FusionConfig, FusionNode
+from fusion.alignment import CorrectionConfig, correction_matrix, planar_delta
+from models.codec_train import load_codec
+from models.detector import load_checkpoint
+from models.geometry import invert_se3
+from protos import CameraCalibration, FeatureFrame
+from transport import pose_from_proto
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = WorldConfig(seed=5, agents=3, frames=24, camera={"count": 0})
+PERIOD_NS = 100_000_000
+MOUNT_ERROR = correction_matrix(np.array([0.0, 0.7, np.deg2rad(0.6)]), np.zeros(2))
+"""Agent 1's LiDAR is mounted 0.7 m and 0.6 degrees off what it believes."""
+STATED = np.diag([0.5 ** 2, 0.5 ** 2, 0.0, 0.0, 0.0, np.deg2rad(0.5) ** 2])
+
+
+class _Mounted(FrameSource):
+    """The world's frames, with a mount error and the pose covariance an INS would state."""
+
+    def __init__(self, agent_id: int, error: np.ndarray, world: WorldConfig = WORLD) -> None:
+        super().__init__(SourceConfig(world=world), agent_id)
+        self.error = error
+
+    def frame(self, index: int):
+        agent = super().frame(index)
+        return dataclasses.replace(agent, world_from_lidar=agent.world_from_lidar @ invert_se3(self.error),
+                                   pose_covariance=STATED)
+
+
+@pytest.fixture(scope="module")
+def models():
+    detector, _ = load_checkpoint(ROOT / "models/checkpoints/mobiledet_tiny.pt")
+    codec, _ = load_codec(ROOT / "models/checkpoints/codec_mobiledet_tiny.pt", detector.config)
+    return detector.eval(), codec.eval()
+
+
+def _agents(models, errors: dict[int, np.ndarray], world: WorldConfig = WORLD) -> dict[int, AgentNode]:
+    detector, codec = models
+    return {a: AgentNode(AgentNodeConfig(agent_id=a, source=SourceConfig(world=world),
+                                         odometry=OdometryConfig(enabled=True)),
+                         detector, codec, _Mounted(a, errors.get(a, np.eye(4)), world)) for a in (0, 1, -1)}
+
+
+def _node(models, **config) -> FusionNode:
+    detector, codec = models
+    return FusionNode(FusionConfig(listen="127.0.0.1:0", allow_any_agent=True, rate_hz=10, **config), detector, codec)
+
+
+def _error(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    d = planar_delta(invert_se3(truth) @ estimate)
+    return float(np.hypot(d[0], d[1])), float(np.degrees(abs(d[2])))
+
+
+async def test_a_mount_error_is_found_sent_back_and_applied_by_the_agent(models) -> None:
+    agents = _agents(models, {1: MOUNT_ERROR})
+    node = _node(models, correction=CorrectionConfig(feedback_min_frames=8))
+    start = (time.time_ns() // PERIOD_NS) * PERIOD_NS
+    corrected_slots = []
+    try:
+        for a, agent in agents.items():
+            node._state(a, "grpc").send_control = agent._on_control  # the Control stream, in memory
+        for k in range(WORLD.frames):
+            for a, agent in agents.items():
+                frame = agent.compute(k, start + k * PERIOD_NS)
+                await node._receive(node.agents[a], frame, frame.ByteSize())
+            fused, _ = node.fuse_slot(node.slot_of(start + k * PERIOD_NS))
+            node._send_corrections()
+            one = next(c for c in fused.contributions if c.agent_id == 1)
+            corrected_slots.append(one.pose_corrected and one.matched_objects >= 3)
+    finally:
+        node._torch_thread.shutdown()
+        for agent in agents.values():
+            agent._compute_thread.shutdown()
+    assert sum(corrected_slots) >= WORLD.frames // 2
+    assert node.agents[1].corrections_sent >= 1 and agents[1].pose.applied >= 1
+    assert agents[1].report()["pose_corrections"]["applied"] == agents[1].pose.applied
+    metres, degrees = _error(agents[1].pose.agent_from_corrected, MOUNT_ERROR)  # found the mount error
+    assert metres < 0.25 and degrees < 0.25, (metres, degrees)
+    assert agents[0].pose.applied == 0  # the ego is the reference: never corrected
+    assert node.counters()["pose_correction"]["1"]["applied"] >= WORLD.frames // 2
+
+
+async def test_bad_odometry_covariance_and_calibration_are_set_aside_and_counted(models) -> None:
+    agents = _agents(models, {})
+    node = _node(models)
+    start = (time.time_ns() // PERIOD_NS) * PERIOD_NS
+    try:
+        frames = {a: [agent.compute(k, start + k * PERIOD_NS) for k in range(2)] for a, agent in agents.items()}
+        bad = frames[1][1]
+        bad.odometry.x_m = math.nan
+        bad.pose.ClearField("covariance")
+        bad.pose.covariance.extend([1.0] + [0.5] + [0.0] * 34)  # not symmetric
+        bad.calibration.cameras.append(CameraCalibration(name="camera0", width_px=400, height_px=300,
+                                                         intrinsic=[-100, 0, 200, 0, 100, 150, 0, 0, 1]))
+        bad.calibration.cameras[0].agent_from_camera.row_major.extend(np.eye(4).ravel().tolist())
+        for k in range(2):
+            for a in agents:
+                await node._receive(node._state(a, "grpc"), frames[a][k], frames[a][k].ByteSize())
+        fused, _ = node.fuse_slot(node.slot_of(start + PERIOD_NS))
+    finally:
+        node._torch_thread.shutdown()
+        for agent in agents.values():
+            agent._compute_thread.shutdown()
+    one = next(c for c in fused.contributions if c.agent_id == 1)
+    assert one.tiles_fresh == frames[1][1].tile_count  # the frame itself was fused
+    set_aside = node.counters()["agents"]["1"]["set_aside"]
+    assert set_aside == {"pose covariance": 1, "odometry": 1, "calibration": 1}, set_aside
+    assert node.agents[1].frames_refused == 0
+
+
+async def test_a_missing_ego_frame_is_stood_in_for_at_the_slot_time(models) -> None:
+    """Every other frame of the ego never arrives: the fused frame is placed where the ego was at the slot's
+    time (from its pose history), not where it was at its last frame. BEV frames sit on the feature lattice
+    (their origins are within half a cell of the ego), so this is compared over several slots."""
+    world = WORLD.model_copy(update={"seed": 8, "frames": 21})  # the ego drives at about 8 m/s
+    agents = _agents(models, {}, world)
+    nodes = {True: _node(models), False: _node(models, latency_compensation=False)}
+    start = (time.time_ns() // PERIOD_NS) * PERIOD_NS
+    errors = {True: [], False: []}
+    try:
+        frames = {a: [agent.compute(k, start + k * PERIOD_NS) for k in range(21)] for a, agent in agents.items()}
+        for compensate, node in nodes.items():
+            for k in range(21):
+                for a in agents:
+                    if a != 0 or k % 2 == 0:
+                        await node._receive(node._state(a, "grpc"), frames[a][k], frames[a][k].ByteSize())
+                if k % 2:
+                    fused, _ = node.fuse_slot(node.slot_of(start + k * PERIOD_NS))
+                    truth = agents[0].source._world.true_world_from_lidar(k, 0)
+                    errors[compensate].append(_error(pose_from_proto(fused.reference_pose), truth)[0])
+                    assert fused.capture_time_ns == (start + k * PERIOD_NS if compensate else
+                                                     max(frames[a][k].capture_time_ns for a in (1, -1)))
+    finally:
+        for node in nodes.values():
+            node._torch_thread.shutdown()
+        for agent in agents.values():
+            agent._compute_thread.shutdown()
+    assert np.mean(errors[False]) > 0.8  # the ego moves about 0.8 m per frame: its last frame is well off
+    assert np.mean(errors[True]) < 0.7 * np.mean(errors[False]), errors
