@@ -142,6 +142,8 @@ def _frame_yaml(agent: AgentFrame, timestamp_s: float) -> dict:
                   "cameras": {}}
     if agent.true_world_from_lidar is not None:
         ours["true_lidar_pose"] = matrix_to_opv2v_pose(agent.true_world_from_lidar)
+    if agent.pose_covariance is not None:
+        ours["pose_covariance"] = _matrix_list(agent.pose_covariance)
     for cam in agent.cameras:
         lidar_from_cords = cam.lidar_from_camera @ invert_se3(CORDS_FROM_CV)
         # OPV2V-style entry: cords is the camera (x forward) in the world, extrinsic camera-to-LiDAR.
@@ -286,6 +288,8 @@ def _parse_agent_frame(folder: Path, stamp: str, path: Path, doc: dict, load_ima
         points=read_pcd(folder / f"{stamp}.pcd"),
         cameras=_cameras(path, doc, world_from_lidar, folder, stamp, load_images),
         objects=tuple(objects),
+        pose_covariance=None if ours.get("pose_covariance") is None else _numbers(
+            path, f"{OUR_KEY}.pose_covariance", ours["pose_covariance"], (6, 6)),
     )
 
 

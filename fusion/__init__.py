@@ -7,7 +7,10 @@ from fusion.node import (
            TlsConfig,
            load_fusion_node,
 )
+from fusion.alignment import CorrectionConfig, PoseCorrector, PoseFilter, PoseHistory
+from fusion.calibration import AgentCalibration, CalibrationError, CameraModel, LidarModel, PoseEstimate
 from fusion.receive import Contribution, FrameRefused, decode_frame, expected_grid
 
-__all__ = ["AgentState", "Contribution", "FrameRefused", "FusionConfig", "FusionNode", "TlsConfig", "decode_frame",
-           "expected_grid", "load_fusion_node"]
+__all__ = ["AgentCalibration", "AgentState", "CalibrationError", "CameraModel", "Contribution", "CorrectionConfig",
+           "FrameRefused", "FusionConfig", "FusionNode", "LidarModel", "PoseCorrector", "PoseEstimate", "PoseFilter",
+           "PoseHistory", "TlsConfig", "decode_frame", "expected_grid", "load_fusion_node"]

@@ -77,6 +77,11 @@ class NoiseConfig(_Frozen):
     """Standard deviation of the reported heading, per frame."""
     calibration_deg: float = Field(0.0, ge=0.0)
     """Standard deviation of a fixed camera-mount rotation error per camera."""
+    lidar_mount_xy_m: float = Field(0.0, ge=0.0)
+    """Size of a fixed error in where each agent believes its LiDAR sits (a direction drawn per agent):
+    the reported pose is off by it in the agent's own frame, frame after frame."""
+    lidar_mount_yaw_deg: float = Field(0.0, ge=0.0)
+    """Size of a fixed heading error of each agent's LiDAR mount (a sign drawn per agent)."""
 
 
 class WorldConfig(_Frozen):

@@ -48,6 +48,8 @@ class SyntheticWorld:
         noise = config.noise
         self._pose_covariance = np.diag([noise.pose_xy_m ** 2, noise.pose_xy_m ** 2, 0.0, 0.0, 0.0,
                                          np.deg2rad(noise.pose_yaw_deg) ** 2])  # what the agents' INS states
+        self._mount_error = {a: _mount_error(np.random.default_rng([config.seed, 11, a + 100]), noise.lidar_mount_xy_m,
+                                             noise.lidar_mount_yaw_deg) for a in self.agent_ids}
         self._calibration_error = {
             (a, c): _small_rotation(np.random.default_rng([config.seed, 7, a + 100, c]), config.noise.calibration_deg)
             for a in self.agent_ids for c in range(config.camera.count)}
@@ -94,7 +96,7 @@ class SyntheticWorld:
         return AgentFrame(
             agent_id=agent_id,
             kind=AgentKind.VEHICLE if agent_id >= 0 else AgentKind.ROADSIDE_UNIT,
-            world_from_lidar=self._reported_pose(true_pose, rng),
+            world_from_lidar=self._reported_pose(true_pose @ self._mount_error[agent_id], rng),
             true_world_from_lidar=true_pose,
             points=points,
             cameras=tuple(self._camera(scene, true_pose, agent_id, c) for c in range(self.config.camera.count)),
@@ -155,3 +157,11 @@ def _small_rotation(rng: np.random.Generator, std_deg: float) -> np.ndarray:
         return np.eye(4)
     roll, pitch, yaw = np.deg2rad(rng.normal(0.0, std_deg, 3))
     return se3_from_xyz_rpy(0.0, 0.0, 0.0, roll, pitch, yaw)
+
+
+def _mount_error(rng: np.random.Generator, xy_m: float, yaw_deg: float) -> np.ndarray:
+    """``[4, 4]`` a fixed mount error of exactly ``xy_m`` (random direction) and ``yaw_deg`` (random sign)."""
+    direction = rng.uniform(0.0, 2.0 * np.pi)
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    return se3_from_xyz_rpy(xy_m * np.cos(direction), xy_m * np.sin(direction), 0.0, 0.0, 0.0,
+                            sign * np.deg2rad(yaw_deg))
