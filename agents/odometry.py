@@ -1,8 +1,8 @@
 """LiDAR odometry: each sweep registered onto the previous one (open3d ICP), chained into a dead-reckoned pose.
 
 An agent's reported pose (GNSS/INS) is absolute but noisy from frame to frame; its own motion
-between two sweeps is what scan matching measures well (a few centimetres and hundredths of a
-degree per frame here). The agent sends both; the fusion node filters one with the other.
+between two sweeps is what scan matching measures well (1-2 cm and 0.004-0.01 degrees per frame, median
+and 90th percentile, on a training world). The agent sends both; the fusion node filters one with the other.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ class OdometryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
-    voxel_m: float = Field(0.3, gt=0.0)
-    """Sweeps are thinned to one point per voxel of this size before matching."""
+    voxel_m: float = Field(0.5, gt=0.0)
+    """Sweeps are thinned to one point per voxel of this size before matching (0.5 m: 15 ms per sweep here,
+    as precise as 0.3 m at 21 ms on a training world)."""
     ground_clearance_m: float = Field(0.3, ge=0.0)
     """Points lower than this above the ground are left out (a flat ground fixes no horizontal motion)."""
     max_correspondence_m: float = Field(1.5, gt=0.0)

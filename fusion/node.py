@@ -572,29 +572,38 @@ class FusionNode(FusionServicer):
         at = state.history.at(slot * self.period_ns)
         return (evidence.world_from_agent if at is None else at), slot * self.period_ns
 
-    def _correct(self, used: list, reference: tuple, ego_from_agent: np.ndarray) -> dict:
+    def _correct(self, used: list, reference: tuple, ego_from_agent: np.ndarray,
+                 world_from_reference: np.ndarray) -> dict:
         """Corrected ``ego_from_agent`` rows (in place) for the agents whose newest frame is the one fused;
-        returns the corrections by agent id. Runs only when the ego's own frame for the slot is here."""
-        ref_state, _, ref_own = reference[0], reference[1], reference[2]
-        if not self.config.correction.enabled or ref_own is None or ref_state.latest is None:
+        returns the corrections by agent id.
+
+        Tracks are kept relative to the ego's newest frame (the fused frame may sit elsewhere, see
+        :meth:`_reference_pose`). An agent whose newest frame was captured at another time than the
+        ego's is not matched by objects (they moved in between); its track goes on with odometry."""
+        ref_state, ref_evidence = reference[0], reference[1]
+        ego = ref_state.latest
+        if (not self.config.correction.enabled or ego is None
+                or not np.array_equal(ego.world_from_agent, ref_evidence.world_from_agent)):
             return {}
+        ego_from_world = invert_se3(ego.world_from_agent)
         views, rows = {}, {}
         for i, (state, evidence, *_rest) in enumerate(used):
             c = state.latest
             if c is None or not np.array_equal(c.world_from_agent, evidence.world_from_agent):
                 continue
             detections = c.detections
-            if abs(c.capture_time_ns - ref_state.latest.capture_time_ns) > self.period_ns // 2:
-                detections = detections[:0]  # objects moved in between: their boxes would pull the fit
-            views[state.agent_id] = AgentView(state.agent_id, ego_from_agent[i], detections, c.pose_sigma,
-                                              c.sequence, c.odom_from_agent, c.odometry_sigma)
+            if abs(c.capture_time_ns - ego.capture_time_ns) > self.period_ns // 2:
+                detections = detections[:0]
+            views[state.agent_id] = AgentView(state.agent_id, ego_from_world @ c.world_from_agent, detections,
+                                              c.pose_sigma, c.sequence, c.odom_from_agent, c.odometry_sigma)
             rows[state.agent_id] = i
         reference_view = views.pop(ref_state.agent_id, None)
         if reference_view is None or not views:
             return {}
         corrections = self.corrector.correct(reference_view, list(views.values()))
+        output_from_ego = invert_se3(world_from_reference) @ ego.world_from_agent
         for agent_id, correction in corrections.items():
-            ego_from_agent[rows[agent_id]] = correction.ref_from_agent
+            ego_from_agent[rows[agent_id]] = output_from_ego @ correction.ref_from_agent
         self._queue_feedback(used, corrections)
         return corrections
 
@@ -660,7 +669,7 @@ class FusionNode(FusionServicer):
         world_from_reference, reference_time_ns = self._reference_pose(reference, slot)
         ref_from_world = invert_se3(world_from_reference)
         ego_from_agent = np.stack([ref_from_world @ e.world_from_agent for _, e, *_ in used])
-        corrections = self._correct(used, reference, ego_from_agent)
+        corrections = self._correct(used, reference, ego_from_agent, world_from_reference)
         features = torch.cat([e.features for _, e, *_ in used])
         weight = torch.cat([e.weight for _, e, *_ in used])
         merged = self.detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32,
