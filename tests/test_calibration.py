@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ from models.boxes import count_points_in_boxes, points_in_boxes
 from models.geometry import se3_from_xyz_rpy, transform_boxes, yaw_from_matrix
 from protos import SensorCalibration
 
-NUSCENES = Path(__file__).resolve().parents[2] / "shared/data/real/nuscenes"
+NUSCENES = Path(os.environ.get("CPSTREAM_NUSCENES_DIR")
+                or Path(__file__).resolve().parents[2] / "shared/data/real/nuscenes")
+"""The real nuScenes keyframe: ``$CPSTREAM_NUSCENES_DIR``, else ``shared/data/real/nuscenes`` beside the repo."""
 
 # The OpenCV optical frame (x right, y down, z forward) in an x-forward, y-left, z-up frame.
 FORWARD_FROM_OPTICAL = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0],
@@ -279,7 +282,8 @@ def test_perturb_extrinsic_has_exactly_the_given_size() -> None:
 @pytest.fixture(scope="module")
 def keyframe() -> NuScenesKeyframe:
     if not NUSCENES.is_dir():
-        pytest.skip(f"the nuScenes sample is not at {NUSCENES} (shared/data/real/nuscenes next to the repo)")
+        pytest.skip(f"the nuScenes sample is not at {NUSCENES} (shared/data/real/nuscenes next to the repo, "
+                    "or set CPSTREAM_NUSCENES_DIR)")
     return load_nuscenes_keyframe(NUSCENES)
 
 
