@@ -434,13 +434,14 @@ class PoseCorrector:
 
     def steady_error(self, agent_id: int) -> np.ndarray | None:
         """``[4, 4]`` the agent's steady pose error in its own frame (``corrected = reported @ it``), when the
-        window shows one clearly (median beyond its spread and the configured minimum), else None."""
+        window shows one clearly (median beyond 3 standard errors, counting correlated frames as fewer,
+        and beyond the configured minimum), else None."""
         window = self._window.get(agent_id)
         if window is None or len(window) < self.config.feedback_min_frames:
             return None
         deltas = np.stack(window)
         median = np.median(deltas, axis=0)
-        spread = 1.4826 * np.median(np.abs(deltas - median), axis=0) / np.sqrt(len(deltas))  # robust standard error
+        spread = 1.4826 * np.median(np.abs(deltas - median), axis=0) / np.sqrt(_effective_count(deltas))
         shift, turn = float(np.hypot(*median[:2])), float(np.rad2deg(abs(median[2])))
         clear = np.abs(median) > 3.0 * spread
         if not ((shift >= self.config.feedback_min_shift_m and clear[:2].any())
@@ -451,6 +452,15 @@ class PoseCorrector:
     def forget(self, agent_id: int) -> None:
         """Drop the agent's window of corrections (after it was told its steady error: later frames carry it)."""
         self._window.pop(agent_id, None)
+
+
+def _effective_count(deltas: np.ndarray) -> np.ndarray:
+    """``[3]`` independent samples the window is worth per axis: a track's corrections follow each other
+    closely (lag-1 autocorrelation rho), so n of them count as n (1 - rho) / (1 + rho)."""
+    centred = deltas - deltas.mean(axis=0)
+    variance = np.sum(centred ** 2, axis=0) + 1e-12
+    rho = np.clip(np.sum(centred[1:] * centred[:-1], axis=0) / variance, 0.0, 0.95)
+    return np.maximum(len(deltas) * (1 - rho) / (1 + rho), 1.0)
 
 
 class FilterConfig(BaseModel):
