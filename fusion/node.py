@@ -147,6 +147,8 @@ class AgentState:
     correction_sent: int = 0
     """Sequence of the last frame whose pose correction was sent to the agent (0: none)."""
     corrections_sent: int = 0
+    correction_sizes: list[tuple[float, float]] = field(default_factory=list)
+    """(metres, degrees) of each steady error sent, in order."""
 
     def link_stats(self) -> LinkStats:
         r = self.last_report
@@ -163,7 +165,8 @@ class AgentState:
                 "chunks_received": self.buffer.chunks_received, "chunks_refused": self.buffer.chunks_refused,
                 "tiles_corrupt": self.tiles_corrupt, "bytes_received": self.bytes_received, "streams": self.streams,
                 "last_error": self.last_error, "refused_by_reason": dict(self.refused_by_reason),
-                "set_aside": dict(self.set_aside), "pose_corrections_sent": self.corrections_sent}
+                "set_aside": dict(self.set_aside), "pose_corrections_sent": self.corrections_sent,
+                "pose_correction_sizes": [[round(m, 3), round(d, 3)] for m, d in self.correction_sizes[-32:]]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,6 +628,8 @@ class FusionNode(FusionServicer):
                                                            pose_correction_sequence=c.sequence)))
             state.correction_sent = c.sequence
             state.corrections_sent += 1
+            state.correction_sizes.append((float(np.hypot(*steady[:2, 3])),
+                                           float(np.degrees(abs(np.arctan2(steady[1, 0], steady[0, 0]))))))
             self.corrector.forget(state.agent_id)
 
     def _send_corrections(self) -> None:
