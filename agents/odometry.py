@@ -14,6 +14,8 @@ import numpy as np
 import open3d as o3d
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.geometry import planar
+
 log = logging.getLogger(__name__)
 
 
@@ -85,17 +87,8 @@ class LidarOdometry:
             self._odom_from_ground = self._odom_from_ground @ self._last_motion  # keep moving as before
             return OdometryStep(self._odom_from_ground.copy(), self.config.lost_sigma_xy_m,
                                 float(np.deg2rad(self.config.lost_sigma_yaw_deg)), float(result.fitness))
-        motion = _planar(np.asarray(result.transformation))  # previous_from_current
+        motion = planar(np.asarray(result.transformation))  # previous_from_current, on the ground plane (BEV frames have no tilt)
         self._last_motion = motion
         self._odom_from_ground = self._odom_from_ground @ motion
         return OdometryStep(self._odom_from_ground.copy(), self.config.sigma_xy_m,
                             float(np.deg2rad(self.config.sigma_yaw_deg)), float(result.fitness))
-
-
-def _planar(transform: np.ndarray) -> np.ndarray:
-    """Keep the motion on the ground plane (x, y, heading): the BEV frames have no tilt."""
-    yaw = np.arctan2(transform[1, 0], transform[0, 0])
-    out = np.eye(4)
-    out[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
-    out[:2, 3] = transform[:2, 3]
-    return out

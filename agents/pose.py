@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.geometry import invert_se3
+from models.geometry import invert_se3, planar
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +107,10 @@ class ReportedPose:
         own, old, sent = self._sent[sequence]
         world_correction = world_from_frame @ invert_se3(sent)  # moves the sent frame onto the estimate
         corrected_own = world_correction @ own @ old
-        total = _planar(invert_se3(own) @ corrected_own)
+        total = planar(invert_se3(own) @ corrected_own)
         shift, turn = float(np.hypot(*total[:2, 3])), float(np.degrees(abs(np.arctan2(total[1, 0], total[0, 0]))))
         if shift > self.config.max_shift_m or turn > self.config.max_turn_deg:
             raise CorrectionRefused(f"correction of {shift:.2f} m / {turn:.2f} deg exceeds the bound of "
                                     f"{self.config.max_shift_m} m / {self.config.max_turn_deg} deg")
         log.info("pose correction from frame %d: %.2f m / %.3f deg in all", sequence, shift, turn)
         return _Correction(total, sequence)
-
-
-def _planar(transform: np.ndarray) -> np.ndarray:
-    """Only the ground-plane part (x, y, heading) of a transform."""
-    yaw = np.arctan2(transform[1, 0], transform[0, 0])
-    out = np.eye(4)
-    out[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
-    out[:2, 3] = transform[:2, 3]
-    return out

@@ -16,7 +16,6 @@ corrected.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -163,21 +162,48 @@ def _score(ref_xy: np.ndarray, moved_xy: np.ndarray, radius_m: float) -> tuple[i
     return len(matches), -residual
 
 
-def _hypotheses(ref_xy: np.ndarray, agent_xy: np.ndarray, pairs: np.ndarray, limit: int = 3000):
-    """Rigid motions from two candidate pairs each (or one, as a pure shift)."""
-    for r, a in pairs:
-        yield np.eye(2), ref_xy[r] - agent_xy[a]
-    count = 0
-    for (r1, a1), (r2, a2) in itertools.combinations(pairs, 2):
-        if r1 == r2 or a1 == a2:
-            continue
-        span_agent = np.linalg.norm(agent_xy[a1] - agent_xy[a2])
-        if span_agent < 2.0 or abs(span_agent - np.linalg.norm(ref_xy[r1] - ref_xy[r2])) > 1.0:
-            continue
-        yield fit_se2(agent_xy[[a1, a2]], ref_xy[[r1, r2]])
-        count += 1
-        if count >= limit:
-            return
+def _hypotheses(ref_xy: np.ndarray, agent_xy: np.ndarray, pairs: np.ndarray,
+                limit: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid motions ``[H, 2, 2]``, ``[H, 2]``: a pure shift per candidate pair, then the motion through each two
+    pairs whose spans agree (at most ``limit`` of those, in the order of ``itertools.combinations``)."""
+    rotations = [np.repeat(np.eye(2)[None], len(pairs), axis=0)]
+    shifts = [ref_xy[pairs[:, 0]] - agent_xy[pairs[:, 1]]]
+    first, second = np.triu_indices(len(pairs), k=1)
+    (r1, a1), (r2, a2) = pairs[first].T, pairs[second].T
+    span_agent, span_ref = agent_xy[a2] - agent_xy[a1], ref_xy[r2] - ref_xy[r1]
+    length = np.linalg.norm(span_agent, axis=1)
+    keep = (r1 != r2) & (a1 != a2) & (length >= 2.0) & (np.abs(length - np.linalg.norm(span_ref, axis=1)) <= 1.0)
+    keep = np.flatnonzero(keep)[:limit]
+    u, v = span_agent[keep], span_ref[keep]
+    angle = np.arctan2(u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], np.sum(u * v, axis=1))  # turns u onto v
+    c, s_ = np.cos(angle), np.sin(angle)
+    turn = np.stack([np.stack([c, -s_], axis=1), np.stack([s_, c], axis=1)], axis=1)  # [K, 2, 2]
+    mid_agent = (agent_xy[a1[keep]] + agent_xy[a2[keep]]) / 2
+    mid_ref = (ref_xy[r1[keep]] + ref_xy[r2[keep]]) / 2
+    rotations.append(turn)
+    shifts.append(mid_ref - np.einsum("kij,kj->ki", turn, mid_agent))
+    return np.concatenate(rotations), np.concatenate(shifts)
+
+
+def _best_hypothesis(ref_xy: np.ndarray, agent_xy: np.ndarray, rotations: np.ndarray, shifts: np.ndarray,
+                     radius_m: float) -> tuple[tuple[np.ndarray, np.ndarray] | None, int]:
+    """The motion with the most one-to-one matches (then the least squared residual) and that count.
+
+    Every hypothesis is first counted loosely at once (agent boxes with some reference box within
+    ``radius_m``: never fewer than its one-to-one matches); the exact count is then taken in that
+    order only until no looser count can beat the best exact one.
+    """
+    moved = np.einsum("hij,aj->hai", rotations, agent_xy) + shifts[:, None]  # [H, A, 2]
+    nearest = np.linalg.norm(moved[:, :, None] - ref_xy[None, None], axis=3).min(axis=2)  # [H, A]
+    loose = (nearest <= radius_m).sum(axis=1)  # [H]
+    best, best_score = None, (0, 0.0)
+    for h in np.argsort(-loose, kind="stable"):
+        if loose[h] < best_score[0]:
+            break
+        score = _score(ref_xy, moved[h], radius_m)
+        if score > best_score:
+            best, best_score = (rotations[h], shifts[h]), score
+    return best, best_score[0]
 
 
 def register(ref_boxes: np.ndarray, agent_boxes: np.ndarray, origin_xy: np.ndarray, prior: np.ndarray,
@@ -198,12 +224,10 @@ def register(ref_boxes: np.ndarray, agent_boxes: np.ndarray, origin_xy: np.ndarr
     if len(ref_xy) < config.min_matches or len(agent_xy) < config.min_matches:
         return None
     pairs = _candidates(ref_xy, agent_xy, prior, origin_xy, config.search_sigmas)
-    best, best_score = None, (0, 0.0)
-    for rotation, shift in _hypotheses(ref_xy, agent_xy, pairs):
-        score = _score(ref_xy, agent_xy @ rotation.T + shift, config.inlier_m)
-        if score > best_score:
-            best, best_score = (rotation, shift), score
-    if best is None or best_score[0] < config.min_matches:
+    if len(pairs) == 0:
+        return None
+    best, matched = _best_hypothesis(ref_xy, agent_xy, *_hypotheses(ref_xy, agent_xy, pairs), config.inlier_m)
+    if best is None or matched < config.min_matches:
         return None
     rotation, shift = best
     for _ in range(3):  # refine on all inliers, re-associating each time
@@ -247,11 +271,10 @@ class CorrectorCounters:
     applied: int = 0
     refused: int = 0
     not_applied: dict[str, int] = field(default_factory=dict)
-    feedback_sent: int = 0
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "applied": self.applied, "refused": self.refused,
-                "not_applied": dict(self.not_applied), "feedback_sent": self.feedback_sent}
+                "not_applied": dict(self.not_applied)}
 
 
 @dataclass(frozen=True, slots=True)

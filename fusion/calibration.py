@@ -6,8 +6,8 @@ coordinates into frame a. Everything is validated once, at the edge (a ``create`
 or a proto decode), and refused with :class:`CalibrationError`; the models are frozen and their
 arrays read-only, so the fusion node can trust them afterwards.
 
-The noise helpers at the end (:func:`perturb_pose`, :func:`perturb_extrinsic`) are pure and
-draw from the ``np.random.Generator`` they are given, so benchmarks are reproducible.
+The noise helpers :func:`perturb_pose` and :func:`perturb_extrinsic` live in :mod:`models.geometry`
+(the synthetic world uses them too) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 
 from models.boxes import box_corners_3d
-from models.geometry import invert_se3, transform_points
+from models.geometry import invert_se3, perturb_extrinsic, perturb_pose, transform_points
 from protos import CameraCalibration, LidarCalibration, Pose, SensorCalibration, Transform4x4
 from transport import FramingError, pose_from_proto, pose_to_proto
 
@@ -410,12 +410,9 @@ def pose_estimate_from_proto(msg: Pose, what: str = "pose") -> PoseEstimate:
 def pose_estimate_to_proto(estimate: PoseEstimate) -> Pose:
     """A pose estimate as its wire message (the covariance as 36 row-major values, or none)."""
     try:
-        msg = pose_to_proto(estimate.world_from_agent)
+        return pose_to_proto(estimate.world_from_agent, estimate.covariance)
     except FramingError as err:
         raise CalibrationError(str(err)) from None
-    if estimate.covariance is not None:
-        msg.covariance.extend(estimate.covariance.ravel().tolist())
-    return msg
 
 
 def planar_sigma(covariance: np.ndarray) -> tuple[float, float]:
@@ -433,63 +430,3 @@ def planar_sigma(covariance: np.ndarray) -> tuple[float, float]:
     largest_xy = float(np.linalg.eigvalsh(cov[:2, :2]).max())
     return math.sqrt(max(largest_xy, 0.0)), math.sqrt(max(float(cov[5, 5]), 0.0))
 
-
-# ----------------------------------------------------------------------------- noise for benchmarks
-
-def _turn_and_shift(a_from_b: np.ndarray, dx_m: float, dy_m: float, dyaw_rad: float) -> np.ndarray:
-    """Turns frame b by ``dyaw_rad`` about a's z axis through b's own origin, then shifts it in a's xy."""
-    out = np.array(a_from_b, dtype=np.float64, copy=True)
-    c, s = math.cos(dyaw_rad), math.sin(dyaw_rad)
-    out[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ out[:3, :3]
-    out[0, 3] += dx_m
-    out[1, 3] += dy_m
-    return out
-
-
-def perturb_pose(world_from_agent: np.ndarray, sigma_xy_m: float, sigma_yaw_deg: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """A pose with Gaussian localisation error, as per-frame noise for benchmarks.
-
-    The heading error turns the agent about its own origin (not the world origin), so the
-    position error is ``sigma_xy_m`` per axis wherever the agent is. Three normal draws are
-    taken from ``rng`` every call, even with zero sigmas, so a seeded run stays aligned.
-
-    Args:
-        world_from_agent: [4, 4] rigid transform.
-        sigma_xy_m: Standard deviation of the world x and y offsets, metres, >= 0.
-        sigma_yaw_deg: Standard deviation of the heading error, degrees, >= 0.
-        rng: Source of randomness.
-
-    Returns:
-        The perturbed ``world_from_agent``, a new float64 [4, 4] (the same pose for zero sigmas).
-    """
-    if sigma_xy_m < 0 or sigma_yaw_deg < 0:
-        raise ValueError(f"noise sigmas must be >= 0, got {sigma_xy_m} m and {sigma_yaw_deg} deg")
-    dx, dy, dyaw = rng.standard_normal(3) * (sigma_xy_m, sigma_xy_m, math.radians(sigma_yaw_deg))
-    return _turn_and_shift(world_from_agent, float(dx), float(dy), float(dyaw))
-
-
-def perturb_extrinsic(agent_from_sensor: np.ndarray, xy_m: float, yaw_deg: float,
-                      rng: np.random.Generator) -> np.ndarray:
-    """A sensor mount with a fixed-size error, as a mis-measured extrinsic for benchmarks.
-
-    The error has exactly the given size: the sensor moves ``xy_m`` in the agent's xy plane in a
-    uniformly random direction and turns by ``yaw_deg`` (random sign) about the agent z axis
-    through its own origin. Draw it once per run and keep it: a mount error is a bias, not
-    per-frame noise.
-
-    Args:
-        agent_from_sensor: [4, 4] rigid transform.
-        xy_m: Size of the position error, metres, >= 0.
-        yaw_deg: Size of the heading error, degrees, >= 0.
-        rng: Source of randomness.
-
-    Returns:
-        The perturbed ``agent_from_sensor``, a new float64 [4, 4].
-    """
-    if xy_m < 0 or yaw_deg < 0:
-        raise ValueError(f"mount error sizes must be >= 0, got {xy_m} m and {yaw_deg} deg")
-    direction_rad = float(rng.uniform(0.0, 2.0 * math.pi))
-    sign = 1.0 if rng.random() < 0.5 else -1.0
-    return _turn_and_shift(agent_from_sensor, xy_m * math.cos(direction_rad), xy_m * math.sin(direction_rad),
-                           sign * math.radians(yaw_deg))

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fusion.calibration import CalibrationError, check_rigid
 from fusion.alignment import PlanarSigma
-from fusion.calibration import CalibrationError, calibration_from_proto, planar_sigma, pose_estimate_from_proto
+from fusion.calibration import (CalibrationError, calibration_from_proto, check_rigid, planar_sigma,
+                                pose_estimate_from_proto)
 from models.codec import CodedFrame, CodedTile, FeatureCodec
 from models.detector import BevDetector
 from protos import FeatureDtype, FeatureFrame

@@ -22,7 +22,6 @@ from agents.node import ground_points, ground_pose
 from agents.odometry import LidarOdometry, OdometryConfig, OdometryStep
 from fusion.alignment import (AgentView, CorrectionConfig, FilterConfig, PlanarSigma, PoseCorrector, PoseFilter,
                               planar_delta)
-from fusion.calibration import perturb_pose
 from launch.console import console, progress
 from launch.datasets import HELD_OUT_SEED, scene_frames
 from launch.eval_cmd import DEFAULT_CHECKPOINT
@@ -31,7 +30,7 @@ from launch.world_cmd import world_config
 from models.bev import aligned_bev_frame
 from models.cooperative import merge_late
 from models.detector import BevDetector, load_checkpoint
-from models.geometry import invert_se3
+from models.geometry import invert_se3, perturb_pose
 from models.metrics import APAccumulator
 
 NOISE_DRAW = 7919

@@ -7,7 +7,8 @@ import pytest
 
 from agents.pose import CorrectionRefused, PoseCorrectionConfig, ReportedPose
 from fusion.alignment import (AgentView, CorrectionConfig, FilterConfig, PlanarSigma, PoseCorrector, PoseFilter,
-                              PoseHistory, correction_matrix, fit_se2, planar_delta, register, relative_prior)
+                              PoseHistory, _best_hypothesis, _candidates, _hypotheses, _score, correction_matrix,
+                              fit_se2, planar_delta, register, relative_prior)
 from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes
 
 SIGMA = PlanarSigma(0.6, np.deg2rad(0.6))
@@ -200,3 +201,23 @@ def test_pose_history_interpolates_and_extrapolates_within_a_limit() -> None:
     capped = history.at(10_000_000_000)  # far beyond: no further than the limit
     assert np.degrees(planar_delta(capped)[2]) == pytest.approx(25.0, abs=0.5)
     assert history.at(-5) is not None and PoseHistory().at(0) is None
+
+
+def test_the_pruned_hypothesis_search_finds_what_scoring_every_hypothesis_finds() -> None:
+    """Hypotheses are counted loosely at once and scored exactly only while they can still win: the
+    result must be the exhaustive search's (most one-to-one matches, then least residual)."""
+    for seed in range(40):
+        rng = np.random.default_rng(100 + seed)
+        world = _scene(rng, int(rng.integers(4, 20)))
+        truth = _pose(*rng.uniform(-40, 40, 2), rng.uniform(-180, 180))
+        seen = int(rng.integers(3, len(world) + 1))
+        agent = transform_boxes(invert_se3(truth), world[:seen]) + np.c_[rng.normal(0, 0.3, (seen, 2)), np.zeros((seen, 6))]
+        agent = np.concatenate([agent, _scene(rng, 3)])
+        reported = correction_matrix(np.array([*rng.normal(0, 0.8, 2), rng.normal(0, 0.015)]), truth[:2, 3]) @ truth
+        ref_xy, agent_xy = world[:, :2], transform_boxes(reported, agent)[:, :2]
+        pairs = _candidates(ref_xy, agent_xy, relative_prior(SIGMA, SIGMA, reported[:2, 3]), reported[:2, 3], 3.0)
+        rotations, shifts = _hypotheses(ref_xy, agent_xy, pairs)
+        exhaustive = max(_score(ref_xy, agent_xy @ r.T + t, 0.6) for r, t in zip(rotations, shifts))
+        best, count = _best_hypothesis(ref_xy, agent_xy, rotations, shifts, 0.6)
+        assert count == exhaustive[0]
+        assert _score(ref_xy, agent_xy @ best[0].T + best[1], 0.6) == exhaustive

@@ -22,7 +22,7 @@ from fusion.alignment import CorrectionConfig, correction_matrix, planar_delta
 from models.codec_train import load_codec
 from models.detector import load_checkpoint
 from models.geometry import invert_se3
-from protos import CameraCalibration, FeatureFrame
+from protos import CameraCalibration
 from transport import pose_from_proto
 
 ROOT = Path(__file__).resolve().parent.parent

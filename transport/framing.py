@@ -75,14 +75,16 @@ class GridSpec:
                            width_cells=self.width_cells, tile_size_cells=self.tile_size_cells)
 
 
-def pose_to_proto(world_from_agent: np.ndarray) -> Pose:
-    """A rigid ``[4, 4]`` transform as ``Pose`` (R = Rz(yaw) Ry(pitch) Rx(roll))."""
+def pose_to_proto(world_from_agent: np.ndarray, covariance: np.ndarray | None = None) -> Pose:
+    """A rigid ``[4, 4]`` transform as ``Pose`` (R = Rz(yaw) Ry(pitch) Rx(roll)), with its ``[6, 6]``
+    covariance of (x, y, z, roll, pitch, yaw) when given."""
     m = np.asarray(world_from_agent, dtype=np.float64)
     if m.shape != (4, 4) or not np.all(np.isfinite(m)):
         raise FramingError(f"pose must be a finite 4x4 matrix, got shape {m.shape}")
     pitch = math.asin(max(-1.0, min(1.0, -m[2, 0])))
     return Pose(x_m=m[0, 3], y_m=m[1, 3], z_m=m[2, 3], roll_rad=math.atan2(m[2, 1], m[2, 2]), pitch_rad=pitch,
-                yaw_rad=math.atan2(m[1, 0], m[0, 0]))
+                yaw_rad=math.atan2(m[1, 0], m[0, 0]),
+                covariance=[] if covariance is None else np.asarray(covariance, dtype=np.float64).ravel().tolist())
 
 
 def pose_from_proto(pose: Pose) -> np.ndarray:
@@ -126,32 +128,17 @@ def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_f
     ``pose_covariance`` and ``odometry_covariance`` are ``[6, 6]`` (see ``Pose.covariance``);
     ``odom_from_agent`` is the agent's dead-reckoned pose (``FeatureFrame.odometry``).
     """
-    frame = _feature_frame(agent_id=agent_id, sequence=sequence, capture_time_ns=capture_time_ns,
-                           world_from_agent=world_from_agent, grid=grid, codec_id=codec_id, rate_level=rate_level,
-                           tiles=tiles, tile_count=tile_count, detections=detections, session_id=session_id,
-                           send_time_ns=send_time_ns, feature_dtype=feature_dtype, auth_token=auth_token)
-    if pose_covariance is not None:
-        frame.pose.covariance.extend(np.asarray(pose_covariance, dtype=np.float64).ravel().tolist())
-    if odom_from_agent is not None:
-        frame.odometry.CopyFrom(pose_to_proto(odom_from_agent))
-        if odometry_covariance is not None:
-            frame.odometry.covariance.extend(np.asarray(odometry_covariance, dtype=np.float64).ravel().tolist())
-    frame.pose_correction_sequence = pose_correction_sequence
-    return frame
-
-
-def _feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_from_agent: np.ndarray,
-                   grid: GridSpec, codec_id: str, rate_level: int, tiles: Iterable[TileLike], tile_count: int,
-                   detections: np.ndarray | None, session_id: int, send_time_ns: int, feature_dtype: int,
-                   auth_token: str) -> FeatureFrame:
     return FeatureFrame(agent_id=agent_id, session_id=session_id, sequence=sequence,
                         capture_time_ns=capture_time_ns, send_time_ns=send_time_ns,
-                        pose=pose_to_proto(world_from_agent), grid=grid.to_proto(), codec_id=codec_id,
-                        rate_level=rate_level,
+                        pose=pose_to_proto(world_from_agent, pose_covariance), grid=grid.to_proto(),
+                        codec_id=codec_id, rate_level=rate_level,
                         tiles=[dict(index=t.index, payload=t.payload, crc32=t.crc32, relevance=t.relevance)
                                for t in tiles],
                         tile_count=tile_count, feature_dtype=feature_dtype, auth_token=auth_token,
-                        detections=boxes_to_proto(detections) if detections is not None else [])
+                        detections=boxes_to_proto(detections) if detections is not None else [],
+                        odometry=(pose_to_proto(odom_from_agent, odometry_covariance)
+                                  if odom_from_agent is not None else None),
+                        pose_correction_sequence=pose_correction_sequence)
 
 
 def grid_from_proto(spec: BevGridSpec) -> GridSpec:

@@ -12,7 +12,7 @@ from agents.world import sensors
 from agents.world.config import WorldConfig
 from agents.world.town import KERB_M, PLOT_START_M, Town, build_town
 from agents.world.traffic import TrafficLog, simulate_traffic
-from models.geometry import se3_from_xyz_rpy
+from models.geometry import perturb_extrinsic, perturb_pose, se3_from_xyz_rpy
 
 CAMERA_YAWS_DEG = (0.0, -90.0, 90.0, 180.0)
 """camera0 … camera3 look front, right, left, back."""
@@ -48,8 +48,8 @@ class SyntheticWorld:
         noise = config.noise
         self._pose_covariance = np.diag([noise.pose_xy_m ** 2, noise.pose_xy_m ** 2, 0.0, 0.0, 0.0,
                                          np.deg2rad(noise.pose_yaw_deg) ** 2])  # what the agents' INS states
-        self._mount_error = {a: _mount_error(np.random.default_rng([config.seed, 11, a + 100]), noise.lidar_mount_xy_m,
-                                             noise.lidar_mount_yaw_deg) for a in self.agent_ids}
+        self._mount_error = {a: perturb_extrinsic(np.eye(4), noise.lidar_mount_xy_m, noise.lidar_mount_yaw_deg,
+                                                  np.random.default_rng([config.seed, 11, a + 100])) for a in self.agent_ids}
         self._calibration_error = {
             (a, c): _small_rotation(np.random.default_rng([config.seed, 7, a + 100, c]), config.noise.calibration_deg)
             for a in self.agent_ids for c in range(config.camera.count)}
@@ -108,13 +108,7 @@ class SyntheticWorld:
         noise = self.config.noise
         if noise.pose_xy_m == 0.0 and noise.pose_yaw_deg == 0.0:
             return true_pose.copy()
-        dx, dy = rng.normal(0.0, noise.pose_xy_m, 2)
-        dyaw = np.deg2rad(rng.normal(0.0, noise.pose_yaw_deg))
-        # Turn the heading about the agent itself: a rotation about the world origin would also
-        # move the reported position, by the heading error times the distance to the origin.
-        reported = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, dyaw) @ true_pose
-        reported[:3, 3] = true_pose[:3, 3] + [dx, dy, 0.0]
-        return reported
+        return perturb_pose(true_pose, noise.pose_xy_m, noise.pose_yaw_deg, rng)
 
     def lidar_from_camera(self, agent_id: int, camera: int) -> np.ndarray:
         """Exact ``[4, 4]`` mount of camera ``camera`` (OpenCV axes) on the agent's LiDAR."""
@@ -157,11 +151,3 @@ def _small_rotation(rng: np.random.Generator, std_deg: float) -> np.ndarray:
         return np.eye(4)
     roll, pitch, yaw = np.deg2rad(rng.normal(0.0, std_deg, 3))
     return se3_from_xyz_rpy(0.0, 0.0, 0.0, roll, pitch, yaw)
-
-
-def _mount_error(rng: np.random.Generator, xy_m: float, yaw_deg: float) -> np.ndarray:
-    """``[4, 4]`` a fixed mount error of exactly ``xy_m`` (random direction) and ``yaw_deg`` (random sign)."""
-    direction = rng.uniform(0.0, 2.0 * np.pi)
-    sign = 1.0 if rng.random() < 0.5 else -1.0
-    return se3_from_xyz_rpy(xy_m * np.cos(direction), xy_m * np.sin(direction), 0.0, 0.0, 0.0,
-                            sign * np.deg2rad(yaw_deg))
