@@ -680,7 +680,7 @@ class FusionNode(FusionServicer):
         merged = self.detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32,
                                                               device=self.device), valid=weight)
         fused_at = time.perf_counter()
-        boxes = self.detector.detect(merged, score_threshold=self.config.score_threshold)[0].cpu().numpy()
+        boxes = self.detector.detect(merged, fused=True, score_threshold=self.config.score_threshold)[0].cpu().numpy()
         boxes = boxes[self.detector.grid.contains(boxes[:, :2])] if len(boxes) else boxes
         detected_at = time.perf_counter()
         intended = self.config.ego_agent_id if self.config.ego_agent_id is not None else min(
@@ -758,7 +758,7 @@ class FusionNode(FusionServicer):
             for level in range(self.codec.config.rate_levels):
                 self.codec.decode(self.codec.encode(features[:1], level), device=self.device)
         poses = torch.eye(4, device=self.device).repeat(2, 1, 1)
-        self.detector.detect(self.detector.fuse(features, poses), score_threshold=self.config.score_threshold)
+        self.detector.detect(self.detector.fuse(features, poses), fused=True, score_threshold=self.config.score_threshold)
 
     async def start(self) -> FusionServer:
         await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.warm_up)

@@ -186,7 +186,7 @@ def score_scheme(detector: BevDetector, prepared: list[Prepared], scheme: Scheme
                 valid = torch.cat([s.valid if s.valid is not None else torch.ones_like(s.features[:, :1])
                                    for s in sent])
             ego_from_agent = torch.as_tensor(p.sample.ego_from_agent, dtype=torch.float32, device=features.device)
-            det = detector.detect(detector.fuse(features, ego_from_agent, valid))[0][:, :8].cpu().numpy()
+            det = detector.detect(detector.fuse(features, ego_from_agent, valid), fused=True)[0][:, :8].cpu().numpy()
             det = det[detector.grid.contains(det[:, :2])] if len(det) else det
             ap.add_frame(det.astype(np.float64), p.sample.gt_boxes)
             if dump_file is not None:

@@ -118,7 +118,7 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
     out = {}
     for method in METHODS:
         merged = detector.fuse(features, torch.as_tensor(poses[method], dtype=torch.float32, device=device))
-        out[("intermediate", method)] = detector.detect(merged)[0][:, :8].cpu().numpy()
+        out[("intermediate", method)] = detector.detect(merged, fused=True)[0][:, :8].cpu().numpy()
         out[("late", method)] = merge_late(per_agent, poses[method], detector.config.nms_iou_threshold)
     errors = {m: [(*pose_error(poses[m][i], truth[k]), applied.get(m, [True] * len(sensing))[i])
                   for i, k in enumerate(sensing) if i > 0] for m in METHODS}
@@ -151,7 +151,7 @@ def latency_runs(detector: BevDetector, frames: list[SceneFrame], delays: tuple[
                 for comp in (True, False):
                     placed = [np.eye(4)] + [ego_from_world @ (then_poses[a] if comp else poses[a]) for a in order[1:]]
                     merged = detector.fuse(stack, torch.as_tensor(np.stack(placed), dtype=torch.float32, device=device))
-                    det = detector.detect(merged)[0][:, :8].cpu().numpy()
+                    det = detector.detect(merged, fused=True)[0][:, :8].cpu().numpy()
                     det = det[detector.grid.contains(det[:, :2])] if len(det) else det
                     scores[(d, comp)].add_frame(det, sample.gt_boxes)
             bar.advance(task)

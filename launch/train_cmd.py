@@ -95,15 +95,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.init_from is not None:  # before the data, so a wrong file fails at once
         source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
         fresh = init_from_checkpoint(detector, source)
-        console.print(f"starting from {config.init_from} ({len(fresh)} new weights: the {config.detector.merge} merge)")
+        console.print(f"starting from {config.init_from} ({len(fresh)} new weights"
+                      f"{f': the {config.detector.merge} merge' if fresh else ''})")
     detector = detector.to(device)
     start = time.perf_counter()
     samples = build_samples(config.data, config.detector)
     data_s = time.perf_counter() - start
-    trained = detector.merge if config.optim.trains == "merge" and detector.merge is not None else detector
+    trained = {"merge": [detector.merge], "fused": [detector.merge, detector.fused_refine, detector.fused_head]
+               }.get(config.optim.trains, [detector])
     console.print(f"{len(samples)} samples in {data_s:.0f} s; training {config.detector.backbone} "
                   f"({config.optim.trains}) on {device} "
-                  f"({sum(p.numel() for p in trained.parameters()) / 1e6:.3f} M parameters trained)")
+                  f"({sum(p.numel() for m in trained if m is not None for p in m.parameters()) / 1e6:.3f} M parameters trained)")
     recent: list[float] = []
     with progress() as bar:
         task = bar.add_task("training", total=config.optim.steps)

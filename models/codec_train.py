@@ -83,7 +83,7 @@ def step_loss(detector: BevDetector, codec: FeatureCodec, sample: FeatureSample,
     fused = detector.fuse(decoded, sample.ego_from_agent.to(device))
     targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)], detector.grid,
                             detector.stride, detector.config.num_classes)
-    detection = compute_loss(detector(fused), targets.to(device))["total"]
+    detection = compute_loss(detector(fused, fused=True), targets.to(device))["total"]
     kilobytes = bits.mean() / 8 / 1024
     distortion = torch.mean((decoded - features) ** 2)
     return {"detection": detection, "kilobytes": kilobytes, "distortion": distortion,

@@ -68,7 +68,7 @@ def detect_sample(detector, sample: CoopSample, mode: str, *, score_threshold: f
         features = detector.features(_to_tensors(points, device))
         if mode == "intermediate":
             features = detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32, device=device))
-    dets = detector.detect(features, score_threshold=score_threshold)[0]
+    dets = detector.detect(features, fused=mode == "intermediate", score_threshold=score_threshold)[0]
     return dets[:, :8].cpu().numpy().astype(np.float64)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import ConvNormAct
 from torch import nn
 
@@ -69,8 +69,23 @@ class DetectorConfig(BaseModel):
     ``attention`` over agents (a 1x1 score of each agent's features), or ``context`` attention (scores
     that see a 3x3 neighbourhood and the other agents, plus a learned correction; see
     :class:`models.warp.ContextMerge`)."""
+    fused_head: bool = False
+    """Give the merged map of intermediate fusion its own refinement and head (same shapes as the
+    single-agent ones, from which a second stage starts them; see ``optim.trains: fused``): merged
+    features of several agents are not one agent's, and the single-agent path stays as it was."""
     nms_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
     """Rotated-IoU above which the lower-scoring of two boxes is dropped."""
+    peak_window: int = Field(1, ge=1)
+    """Decoding: the heat-map cells that become boxes before NMS are the local maxima in this odd window;
+    1 (every cell, NMS alone decides) since 3 (CenterNet's rule, which checkpoints trained before
+    this field were scored with) dropped one of two cars parked side by side on 2 m cells."""
+
+    @field_validator("peak_window")
+    @classmethod
+    def _odd_window(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"peak_window must be odd (a window centred on a cell), got {value}")
+        return value
 
     @property
     def feature_cell_m(self) -> float:
@@ -88,10 +103,12 @@ class BevDetector(nn.Module):
         refine: features (one agent's, or merged) -> features of the same shape, before the head.
         head: features -> :class:`HeadOutput`.
         merge: ``None`` for the element-wise max, else a module ``(features, coverage) -> merged``.
+        fused_refine, fused_head: the refinement and head of merged maps (``None``: the same as one agent's).
     """
 
     def __init__(self, config: DetectorConfig, encoder: PillarEncoder, backbone: nn.Module, refine: nn.Module,
-                 head: CenterHead, merge: nn.Module | None) -> None:
+                 head: CenterHead, merge: nn.Module | None, fused_refine: nn.Module | None = None,
+                 fused_head: CenterHead | None = None) -> None:
         super().__init__()
         self.config = config
         self.grid: BevGrid = encoder.grid
@@ -100,6 +117,8 @@ class BevDetector(nn.Module):
         self.refine = refine
         self.head = head
         self.merge = merge
+        self.fused_refine = fused_refine
+        self.fused_head = fused_head
         self.compute_dtype: torch.dtype | None = None  # see set_precision
 
     def set_precision(self, precision: Precision) -> str:
@@ -151,27 +170,38 @@ class BevDetector(nn.Module):
             return max_merge(warped, coverage)
         return self.merge(warped, coverage)
 
-    def forward(self, features: torch.Tensor) -> HeadOutput:
-        """Shared (or merged) features ``[B, C, h, w]`` -> dense head outputs (what the loss compares)."""
-        return self.head(self.refine(features))
+    def _stages(self, fused: bool) -> tuple[nn.Module, CenterHead]:
+        if fused and self.fused_head is not None:
+            return self.fused_refine, self.fused_head
+        return self.refine, self.head
 
-    def infer(self, features: torch.Tensor) -> PeakHeadOutput:
+    def forward(self, features: torch.Tensor, fused: bool = False) -> HeadOutput:
+        """One agent's features (or, with ``fused``, a merge of several agents') ``[B, C, h, w]`` -> dense
+        head outputs (what the loss compares)."""
+        refine, head = self._stages(fused)
+        return head(refine(features))
+
+    def infer(self, features: torch.Tensor, fused: bool = False) -> PeakHeadOutput:
         """Features -> head outputs for decoding: the same numbers as :meth:`forward`, but the box
         regressions are computed only at the cells the decoder picks (a third of the head's cost)."""
+        refine, head = self._stages(fused)
         with self._autocast():
-            out = self.head.infer(self.refine(features))
+            out = head.infer(refine(features))
         return replace(out, heatmap=out.heatmap.float(), shared=out.shared.float())
 
-    def detect(self, features: torch.Tensor, *, score_threshold: float = 0.1,
+    def detect(self, features: torch.Tensor, *, fused: bool = False, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
-        """Features -> per-sample boxes ``[K, 9]`` (x, y, z, l, w, h, yaw, score, label)."""
-        return self.decode(self.infer(features), score_threshold=score_threshold, max_detections=max_detections)
+        """Features (``fused``: merged by :meth:`fuse`) -> per-sample boxes ``[K, 9]`` (x, y, z, l, w, h, yaw,
+        score, label)."""
+        return self.decode(self.infer(features, fused), score_threshold=score_threshold,
+                           max_detections=max_detections)
 
     def decode(self, out: HeadOutput | PeakHeadOutput, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
         """Head outputs -> per-sample boxes ``[K, 9]`` (see :func:`models.head.decode`)."""
         return decode(out, self.grid, self.stride, score_threshold=score_threshold,
-                      max_detections=max_detections, nms_iou_threshold=self.config.nms_iou_threshold)
+                      max_detections=max_detections, nms_iou_threshold=self.config.nms_iou_threshold,
+                      peak_window=self.config.peak_window)
 
     @staticmethod
     def relevance(out: HeadOutput | PeakHeadOutput) -> torch.Tensor:
@@ -192,7 +222,12 @@ def build_detector(config: DetectorConfig) -> BevDetector:
     head = CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
     merge = {"attention": AttentionMerge, "context": ContextMerge}.get(config.merge)
     merge = merge(channels) if merge is not None else None
-    return BevDetector(config, encoder, backbone, refine, head, merge)
+    fused_refine = fused_head = None
+    if config.fused_head:
+        fused_refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3)
+                                       for _ in range(config.refine_blocks)))
+        fused_head = CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
+    return BevDetector(config, encoder, backbone, refine, head, merge, fused_refine, fused_head)
 
 
 def save_checkpoint(path: Path, detector: BevDetector, **extra) -> None:

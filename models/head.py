@@ -433,10 +433,13 @@ def rotated_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return torch.as_tensor(order[kept], dtype=torch.int64, device=scores.device).reshape(-1)
 
 
-def _peak_scores(heatmap: Tensor) -> Tensor:
-    """Sigmoid heat-map [B, K, H', W'] with every cell that is not a 3x3 local maximum zeroed."""
+def _peak_scores(heatmap: Tensor, window: int = 3) -> Tensor:
+    """Sigmoid heat-map [B, K, H', W'] with every cell that is not a ``window`` x ``window`` local maximum
+    zeroed (``window`` 1: every cell kept)."""
     probability = torch.sigmoid(heatmap)
-    neighbourhood_max = F.max_pool2d(probability, kernel_size=3, stride=1, padding=1)
+    if window <= 1:
+        return probability
+    neighbourhood_max = F.max_pool2d(probability, kernel_size=window, stride=1, padding=window // 2)
     return probability * (probability == neighbourhood_max)
 
 
@@ -475,6 +478,10 @@ def _nms_per_class(detections: Tensor, iou_threshold: float) -> Tensor:
     return survivors[torch.argsort(survivors[:, 7], descending=True, stable=True)]
 
 
+CANDIDATES_PER_DETECTION = 4
+"""Cells decoded before NMS per box returned (an object lights up several cells)."""
+
+
 @torch.no_grad()
 def decode(
     out: HeadOutput | PeakHeadOutput,
@@ -484,12 +491,17 @@ def decode(
     score_threshold: float = 0.1,
     max_detections: int = 100,
     nms_iou_threshold: float = 0.1,
+    peak_window: int = 1,
 ) -> list[Tensor]:
     """Turns head outputs into scored boxes in the grid's frame.
 
-    Per sample: local maxima of the sigmoid heat-map (3x3), the ``max_detections`` best
-    above ``score_threshold``, centre = cell centre + offset, size = exp, yaw = atan2(sin,
-    cos) / 2; then rotated NMS within each class.
+    Per sample: the cells of the sigmoid heat-map (with ``peak_window`` > 1, only its local maxima
+    in that window), the best ``CANDIDATES_PER_DETECTION * max_detections`` above
+    ``score_threshold``, centre = cell centre + offset, size = exp, yaw = atan2(sin, cos) / 2; then
+    rotated NMS within each class, and the ``max_detections`` best boxes.
+
+    Rotated NMS alone decides which of neighbouring cells are one object: a 3x3 local-maximum rule
+    (CenterNet's) on 2 m cells also drops one of two cars parked side by side, 2-4 m apart.
 
     Args:
         out: Head output for a batch.
@@ -499,6 +511,7 @@ def decode(
         max_detections: Most boxes returned per sample.
         nms_iou_threshold: Rotated BEV IoU above which a lower-scoring box of the same class
             is suppressed.
+        peak_window: Odd window of the local-maximum rule on the heat-map; 1 keeps every cell.
 
     Returns:
         Per sample, a [N, 9] tensor (x, y, z, l, w, h, yaw_rad, score, label) sorted by
@@ -511,9 +524,12 @@ def decode(
     if tuple(out.heatmap.shape[2:]) != (rows, cols):
         raise ValueError(f"heatmap is {tuple(out.heatmap.shape[2:])} cells but the grid at stride "
                          f"{stride} is {(rows, cols)}")
-    peaks = _peak_scores(out.heatmap)  # [B, K, H', W']
+    if peak_window < 1 or peak_window % 2 == 0:
+        raise ValueError(f"peak_window must be a positive odd number of cells, got {peak_window}")
+    peaks = _peak_scores(out.heatmap, peak_window)  # [B, K, H', W']
     detections = []
     for b in range(peaks.shape[0]):
-        candidates = _sample_candidates(out, peaks, b, grid, cell_m, score_threshold, max_detections)
+        candidates = _sample_candidates(out, peaks, b, grid, cell_m, score_threshold,
+                                        CANDIDATES_PER_DETECTION * max_detections)
         detections.append(_nms_per_class(candidates, nms_iou_threshold)[:max_detections])
     return detections

@@ -52,10 +52,12 @@ class OptimConfig(BaseModel):
     no preferred direction."""
     early_fusion_loss: bool = True
     """Also train on the ego-frame union of all agents' points (the ``early`` path)."""
-    trains: Literal["all", "merge"] = "all"
+    trains: Literal["all", "merge", "fused"] = "all"
     """``all``: every weight on the single-agent, early and fused losses. ``merge``: only the merge
     module, on the fused loss, everything else frozen (a second stage on a trained detector: the
-    ``none``/``late``/``early`` paths and the features agents send stay exactly as they were)."""
+    ``none``/``late``/``early`` paths and the features agents send stay exactly as they were).
+    ``fused``: the merge and the fused map's own refinement and head (``detector.fused_head``), on the
+    fused loss; the same second stage with more of the intermediate path to learn."""
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     threads: int = Field(0, ge=0)
@@ -104,7 +106,7 @@ def _fused_loss(detector: BevDetector, features: torch.Tensor, sample: CoopSampl
     fused = detector.fuse(features, torch.as_tensor(sample.ego_from_agent, dtype=torch.float32, device=device))
     targets = build_targets([sample.gt_boxes], [np.zeros(len(sample.gt_boxes), np.int64)],
                             detector.grid, detector.stride, detector.config.num_classes)
-    return compute_loss(detector(fused), targets.to(device))["total"]
+    return compute_loss(detector(fused, fused=True), targets.to(device))["total"]
 
 
 def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
@@ -143,10 +145,15 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    merge_only = config.trains == "merge"
+    merge_only = config.trains != "all"
     if merge_only and (detector.merge is None or not list(detector.merge.parameters())):
-        raise ValueError("trains: merge needs a detector whose merge has weights (merge: attention or context)")
-    trained = list(detector.merge.parameters()) if merge_only else list(detector.parameters())
+        raise ValueError(f"trains: {config.trains} needs a detector whose merge has weights (merge: attention or context)")
+    if config.trains == "fused" and detector.fused_head is None:
+        raise ValueError("trains: fused needs a detector with its own head for fused maps (detector.fused_head: true)")
+    second_stage = [m for m in (detector.merge, detector.fused_refine, detector.fused_head) if m is not None]
+    if config.trains == "merge":
+        second_stage = [detector.merge]
+    trained = [p for m in second_stage for p in m.parameters()] if merge_only else list(detector.parameters())
     for p in detector.parameters():
         p.requires_grad_(not merge_only)
     for p in trained:
@@ -162,7 +169,8 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
     detector.train()
     if merge_only:  # frozen parts keep their normalisation statistics too
         detector.eval()
-        detector.merge.train()
+        for module in second_stage:
+            module.train()
     for step in range(start, config.steps):
         sample = samples[rng.randrange(len(samples))]
         if rng.random() < config.mirror_probability:
@@ -190,21 +198,27 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
 
 
 def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
-    """Start ``detector`` from the weights of a trained detector that differs from it in the merge only.
+    """Start ``detector`` from the weights of a trained detector that differs from it in the merge (and
+    ``fused_head``) only.
 
-    Returns the names of the weights that were not in the checkpoint (the new merge's).
+    The merge's weights are taken when the checkpoint has the same kind of merge; a fused map's own
+    refinement and head, when the checkpoint has none, start as copies of its single-agent ones.
+    Returns the names of the weights that were not in the checkpoint (e.g. a new merge's).
 
     Raises:
         CheckpointError: the checkpoint is unreadable, was trained with another config (apart from
-            ``merge``), or lacks weights other than the merge's.
+            ``merge`` and ``fused_head``), or lacks weights other than the merge's.
     """
     source, _ = load_checkpoint(path)
-    ours = detector.config.model_dump(exclude={"merge"})
-    theirs = source.config.model_dump(exclude={"merge"})
+    ours = detector.config.model_dump(exclude={"merge", "fused_head", "peak_window"})
+    theirs = source.config.model_dump(exclude={"merge", "fused_head", "peak_window"})
     if ours != theirs:
         raise CheckpointError(f"{path}: init_from needs a detector like this one apart from its merge: " + "; ".join(
             f"{k}: this config has {v!r}, the checkpoint {theirs.get(k)!r}" for k, v in ours.items() if theirs.get(k) != v))
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("merge.")}
+    state = {k: v for k, v in source.state_dict().items()
+             if not k.startswith("merge.") or source.config.merge == detector.config.merge}
+    if detector.fused_head is not None and source.fused_head is None:
+        state.update({f"fused_{k}": v.clone() for k, v in state.items() if k.startswith(("refine.", "head."))})
     result = detector.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("merge.")]
     if missing:

@@ -431,6 +431,48 @@ def test_merge_stage_refuses_a_detector_without_merge_weights(tmp_path: Path) ->
               OptimConfig(steps=1, trains="merge"), tmp_path / "unused.pt")
 
 
+def test_fused_stage_starts_as_the_single_agent_head_and_trains_only_the_intermediate_path(
+        trained: TrainedRun, tmp_path: Path) -> None:
+    # The fused map's own refinement and head start as copies of the single-agent ones: at first every
+    # fusion mode detects exactly what the trained detector does.
+    detector = build_detector(trained.detector.config.model_copy(update={"merge": "context", "fused_head": True}))
+    fresh = init_from_checkpoint(detector, trained.checkpoint)
+    assert fresh and all(k.startswith("merge.") for k in fresh)  # the fused head came from the checkpoint
+    reference = build_detector(trained.detector.config.model_copy(update={"merge": "context"}))
+    init_from_checkpoint(reference, trained.checkpoint)
+    reference.merge.load_state_dict(detector.merge.state_dict())
+    sample = _coop_sample()
+    detector.eval(), reference.eval()
+    assert np.allclose(detect_sample(detector, sample, "intermediate"), detect_sample(reference, sample, "intermediate"))
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    with torch.no_grad():
+        first = float(sample_loss(detector, sample, 1.0, fused_only=True)["fused"])
+    config = OptimConfig(steps=30, lr=3e-3, rotate_scene=False, mirror_probability=0.0, trains="fused",
+                         checkpoint_every=1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = train(detector, [sample], config, tmp_path / "fused.pt")
+    finally:
+        torch.set_num_threads(threads)
+    after = detector.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("fused_head.") for k in changed) and any(k.startswith("fused_refine.") for k in changed)
+    assert all(k.startswith(("merge.", "fused_refine.", "fused_head.")) for k in changed), sorted(changed)[:5]
+    assert math.isfinite(losses[-1]) and np.mean(losses[-5:]) < first, (first, losses[-5:])
+    for mode in ("none", "late", "early"):  # the single-agent head is untouched
+        assert np.allclose(detect_sample(detector, sample, mode), detect_sample(trained.detector, sample, mode))
+    loaded, _ = load_checkpoint(tmp_path / "fused.pt", detector.config)
+    assert np.allclose(detect_sample(loaded.eval(), sample, "intermediate"),
+                       detect_sample(detector, sample, "intermediate"))
+
+
+def test_fused_stage_refuses_a_detector_without_a_fused_head(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fused_head: true"):
+        train(_detector(grid=SMALL_GRID_CONFIG, merge="context"), [_coop_sample()],
+              OptimConfig(steps=1, trains="fused"), tmp_path / "unused.pt")
+
+
 def test_init_from_refuses_a_detector_that_differs_beyond_its_merge(tmp_path: Path) -> None:
     checkpoint = tmp_path / "c.pt"
     save_checkpoint(checkpoint, _detector("nextvit_tiny", SMALL_GRID_CONFIG), step=1)

@@ -84,6 +84,24 @@ def test_build_targets_then_decode_round_trip() -> None:
             assert found[8] == label
 
 
+def test_two_cars_side_by_side_in_neighbouring_cells_are_both_decoded() -> None:
+    # Centres 0.8 m apart (neighbouring cells of 0.8 m), the 0.7 m wide boxes do not overlap: NMS keeps
+    # both, while a 3x3 local-maximum rule drops the weaker one.
+    boxes = np.array([[0.4, 0.4, -1.0, 3.0, 0.7, 1.5, 0.0], [0.4, 1.2, -1.0, 3.0, 0.7, 1.5, 0.0]])
+    targets = build_targets([boxes], [np.zeros(2, np.int64)], GRID, STRIDE, 1)
+    perfect = _perfect_output(targets)
+    weaker = targets.heatmap.clone()
+    weaker[targets.heatmap == 1.0] = torch.tensor([0.9, 0.7])
+    heatmap = torch.logit(weaker.clamp(1e-4, 1 - 1e-4))  # the gaussians around both centres
+    out = HeadOutput(heatmap=heatmap, offset=perfect.offset, z=perfect.z, size=perfect.size, yaw=perfect.yaw)
+    both = decode(out, GRID, STRIDE, score_threshold=0.5)[0]
+    assert len(both) == 2
+    np.testing.assert_allclose(sorted(both[:, 1].tolist()), [0.4, 1.2], atol=1e-4)
+    assert len(decode(out, GRID, STRIDE, score_threshold=0.5, peak_window=3)[0]) == 1
+    with pytest.raises(ValueError, match="odd"):
+        decode(out, GRID, STRIDE, peak_window=2)
+
+
 def test_targets_peak_at_centre_cell_with_radius_at_least_one() -> None:
     tiny = np.array([[0.1, 0.1, 0.0, 0.2, 0.2, 0.2, 0.0]])  # far smaller than a cell
     heatmap = build_targets([tiny], [np.array([0])], GRID, STRIDE, 1).heatmap[0, 0]  # [H', W']
