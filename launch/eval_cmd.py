@@ -99,6 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_checkpoint(args.checkpoint, map_location=device)
     detector.to(device).eval()
+    if args.peak_window is not None:  # a decoding choice, not a weight: any checkpoint can be scored with it
+        detector.config = detector.config.model_copy(update={"peak_window": args.peak_window})
     precision = detector.set_precision(args.precision)
     codec = None
     if args.rate_level is not None:
@@ -137,5 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--codec", type=Path, help="codec weights (default: the one trained for the detector)")
     parser.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
                         help="arithmetic of the backbone and head (auto: bfloat16 where the hardware has it)")
+    parser.add_argument("--peak-window", type=int, choices=(1, 3, 5),
+                        help="decoding: heat-map local-maximum window (default: the checkpoint's, 3)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_eval)
