@@ -18,7 +18,7 @@ from launch.samples import coop_sample
 from models.bev import BevGrid
 from models.cooperative import CoopSample
 from models.detector import DetectorConfig, build_detector
-from models.train import OptimConfig, init_from_checkpoint, train
+from models.train import OptimConfig, init_from_checkpoint, train, trained_modules
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,14 +98,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"starting from {config.init_from} ({len(fresh)} new weights"
                       f"{f': the {config.detector.merge} merge' if fresh else ''})")
     detector = detector.to(device)
+    trained = trained_modules(detector, config.optim.trains)  # before the data: a wrong config fails at once
     start = time.perf_counter()
     samples = build_samples(config.data, config.detector)
     data_s = time.perf_counter() - start
-    trained = {"merge": [detector.merge], "fused": [detector.merge, detector.fused_refine, detector.fused_head]
-               }.get(config.optim.trains, [detector])
     console.print(f"{len(samples)} samples in {data_s:.0f} s; training {config.detector.backbone} "
                   f"({config.optim.trains}) on {device} "
-                  f"({sum(p.numel() for m in trained if m is not None for p in m.parameters()) / 1e6:.3f} M parameters trained)")
+                  f"({sum(p.numel() for m in trained for p in m.parameters()) / 1e6:.3f} M parameters trained)")
     recent: list[float] = []
     with progress() as bar:
         task = bar.add_task("training", total=config.optim.steps)

@@ -498,7 +498,7 @@ def _nms_per_class(detections: Tensor, iou_threshold: float) -> Tensor:
 
 
 CANDIDATES_PER_DETECTION = 4
-"""Cells decoded before NMS per box returned (an object lights up several cells)."""
+"""With every cell a candidate, cells decoded before NMS per box returned (an object lights up several)."""
 
 
 @torch.no_grad()
@@ -514,10 +514,10 @@ def decode(
 ) -> list[Tensor]:
     """Turns head outputs into scored boxes in the grid's frame.
 
-    Per sample: the cells of the sigmoid heat-map (with ``peak_window`` > 1, only its local maxima
-    in that window), the best ``CANDIDATES_PER_DETECTION * max_detections`` above
-    ``score_threshold``, centre = cell centre + offset, size = exp, yaw = atan2(sin, cos) / 2; then
-    rotated NMS within each class, and the ``max_detections`` best boxes.
+    Per sample: the local maxima of the sigmoid heat-map in a ``peak_window`` window, the
+    ``max_detections`` best above ``score_threshold`` (with ``peak_window`` 1, every cell, and
+    ``CANDIDATES_PER_DETECTION`` times as many), centre = cell centre + offset, size = exp,
+    yaw = atan2(sin, cos) / 2; then rotated NMS within each class, and the ``max_detections`` best.
 
     With ``peak_window`` 1, rotated NMS alone decides which of neighbouring cells are one object: the
     3x3 local-maximum rule (CenterNet's, the default) on 2 m cells also drops one of two cars parked
@@ -547,9 +547,9 @@ def decode(
     if peak_window < 1 or peak_window % 2 == 0:
         raise ValueError(f"peak_window must be a positive odd number of cells, got {peak_window}")
     peaks = _peak_scores(out.heatmap, peak_window)  # [B, K, H', W']
+    top_k = max_detections if peak_window > 1 else CANDIDATES_PER_DETECTION * max_detections
     detections = []
     for b in range(peaks.shape[0]):
-        candidates = _sample_candidates(out, peaks, b, grid, cell_m, score_threshold,
-                                        CANDIDATES_PER_DETECTION * max_detections)
+        candidates = _sample_candidates(out, peaks, b, grid, cell_m, score_threshold, top_k)
         detections.append(_nms_per_class(candidates, nms_iou_threshold)[:max_detections])
     return detections

@@ -134,6 +134,23 @@ def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
     return {"single": single, "fused": fused, "total": single + fused_weight * fused}
 
 
+def trained_modules(detector: BevDetector, trains: str) -> list[torch.nn.Module]:
+    """The modules ``optim.trains`` trains: the whole detector, its merge, or its merge and fused head.
+
+    Raises:
+        ValueError: the detector lacks what a second stage trains (merge weights, a fused head).
+    """
+    if trains == "all":
+        return [detector]
+    if detector.merge is None or not list(detector.merge.parameters()):
+        raise ValueError(f"trains: {trains} needs a detector whose merge has weights (merge: attention or context)")
+    if trains == "merge":
+        return [detector.merge]
+    if detector.fused_head is None:
+        raise ValueError("trains: fused needs a detector with its own head for fused maps (detector.fused_head: true)")
+    return [detector.merge, detector.fused_refine, detector.fused_head]
+
+
 def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimConfig, checkpoint: Path, *,
           resume: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[float]:
     """Train in place, saving ``checkpoint`` every ``checkpoint_every`` steps and at the end.
@@ -146,14 +163,8 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     merge_only = config.trains != "all"
-    if merge_only and (detector.merge is None or not list(detector.merge.parameters())):
-        raise ValueError(f"trains: {config.trains} needs a detector whose merge has weights (merge: attention or context)")
-    if config.trains == "fused" and detector.fused_head is None:
-        raise ValueError("trains: fused needs a detector with its own head for fused maps (detector.fused_head: true)")
-    second_stage = [m for m in (detector.merge, detector.fused_refine, detector.fused_head) if m is not None]
-    if config.trains == "merge":
-        second_stage = [detector.merge]
-    trained = [p for m in second_stage for p in m.parameters()] if merge_only else list(detector.parameters())
+    second_stage = trained_modules(detector, config.trains)
+    trained = [p for m in second_stage for p in m.parameters()]
     for p in detector.parameters():
         p.requires_grad_(not merge_only)
     for p in trained:

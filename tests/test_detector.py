@@ -399,25 +399,31 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
         train(_detector(grid=SMALL_GRID_CONFIG), [_coop_sample()], OptimConfig(steps=3), checkpoint, resume=True)
 
 
+def _second_stage(detector: BevDetector, sample: CoopSample, trains: str, checkpoint: Path
+                  ) -> tuple[float, list[float], set[str]]:
+    """30 steps of a second stage on one sample: the fused loss before, the losses, the weights changed."""
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    with torch.no_grad():
+        first = float(sample_loss(detector.eval(), sample, 1.0, fused_only=True)["fused"])
+    config = OptimConfig(steps=30, lr=3e-3, rotate_scene=False, mirror_probability=0.0, trains=trains,
+                         checkpoint_every=1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = train(detector, [sample], config, checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+    after = detector.state_dict()
+    return first, losses, {k for k in after if not torch.equal(before[k], after[k])}
+
+
 def test_merge_stage_trains_only_the_new_merge_and_lowers_the_fused_loss(trained: TrainedRun, tmp_path: Path) -> None:
     # A second stage on the trained detector: a context merge, everything else frozen.
     detector = build_detector(trained.detector.config.model_copy(update={"merge": "context"}))
     fresh = init_from_checkpoint(detector, trained.checkpoint)
     assert fresh and all(k.startswith("merge.") for k in fresh)
-    before = {k: v.clone() for k, v in detector.state_dict().items()}
     sample = _coop_sample()
-    with torch.no_grad():
-        first = float(sample_loss(detector.eval(), sample, 1.0, fused_only=True)["fused"])
-    config = OptimConfig(steps=30, lr=3e-3, rotate_scene=False, mirror_probability=0.0, trains="merge",
-                         checkpoint_every=1000)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        losses = train(detector, [sample], config, tmp_path / "stage2.pt")
-    finally:
-        torch.set_num_threads(threads)
-    after = detector.state_dict()
-    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    first, losses, changed = _second_stage(detector, sample, "merge", tmp_path / "stage2.pt")
     assert changed and all(k.startswith("merge.") for k in changed), sorted(changed)[:5]  # BN statistics too
     assert all(p.requires_grad for p in detector.parameters())  # nothing is left frozen after training
     assert math.isfinite(losses[-1]) and np.mean(losses[-5:]) < first, (first, losses[-5:])
@@ -444,19 +450,7 @@ def test_fused_stage_starts_as_the_single_agent_head_and_trains_only_the_interme
     sample = _coop_sample()
     detector.eval(), reference.eval()
     assert np.allclose(detect_sample(detector, sample, "intermediate"), detect_sample(reference, sample, "intermediate"))
-    before = {k: v.clone() for k, v in detector.state_dict().items()}
-    with torch.no_grad():
-        first = float(sample_loss(detector, sample, 1.0, fused_only=True)["fused"])
-    config = OptimConfig(steps=30, lr=3e-3, rotate_scene=False, mirror_probability=0.0, trains="fused",
-                         checkpoint_every=1000)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        losses = train(detector, [sample], config, tmp_path / "fused.pt")
-    finally:
-        torch.set_num_threads(threads)
-    after = detector.state_dict()
-    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    first, losses, changed = _second_stage(detector, sample, "fused", tmp_path / "fused.pt")
     assert any(k.startswith("fused_head.") for k in changed) and any(k.startswith("fused_refine.") for k in changed)
     assert all(k.startswith(("merge.", "fused_refine.", "fused_head.")) for k in changed), sorted(changed)[:5]
     assert math.isfinite(losses[-1]) and np.mean(losses[-5:]) < first, (first, losses[-5:])
