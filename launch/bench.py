@@ -77,7 +77,7 @@ def bench_models(args: argparse.Namespace) -> dict:
     """Per-agent inference time (pillars + backbone + refine + head + decode) per registered backbone."""
     from launch.models_bench import time_detectors
 
-    return time_detectors(_frame_clouds(args))
+    return time_detectors(_frame_clouds(args), peak_window=args.peak_window)
 
 
 def bench_fusion(args: argparse.Namespace) -> dict:
@@ -165,6 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="loss: runs per setting (medians are reported)")
     parser.add_argument("--deadline-ms", type=float, default=150.0, help="loss: the fusion node's slot deadline")
     parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
+    parser.add_argument("--peak-window", type=int, choices=(1, 3, 5),
+                        help="models: the decoder's heat-map local-maximum window (default: each checkpoint's, 3)")
     parser.add_argument("--noise-levels", default="0,0.2,0.4,0.6",
                         help="pose: pose noise levels, metres and degrees alike, comma-separated")
     parser.add_argument("--no-latency", dest="latency", action="store_false",

@@ -17,12 +17,14 @@ CHECKPOINTS = Path(__file__).resolve().parent.parent / "models" / "checkpoints"
 WARM_UP = 5
 
 
-def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None) -> dict:
+def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
+                   peak_window: int | None = None) -> dict:
     """For every registered backbone: median ms to detect one agent's cloud, parameters, GFLOPs.
 
     Times float32 and, where the hardware has it natively, bfloat16 (what ``precision: auto`` picks).
     GFLOPs are those inference runs: the box regressions are computed at the decoded peaks only.
-    Uses the committed weights where they exist (the weights do not change the cost).
+    Uses the committed weights where they exist (the weights do not change the cost). ``peak_window``
+    (default: each detector's) is the decoder's local-maximum window.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tensors = [torch.from_numpy(np.ascontiguousarray(c)).to(device) for c in clouds]
@@ -32,6 +34,8 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None)
         checkpoint = CHECKPOINTS / f"{name}.pt"
         detector = (load_checkpoint(checkpoint)[0] if checkpoint.exists()
                     else build_detector(DetectorConfig(backbone=name))).to(device).eval()
+        if peak_window is not None:
+            detector.config = detector.config.model_copy(update={"peak_window": peak_window})
         for precision in precisions:
             detector.set_precision(precision)
             times_ms = []
@@ -47,7 +51,7 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None)
                     detector.detect(detector.features([tensors[0]]))
             ordered = sorted(times_ms)
             runs.append({"backbone": name, "precision": precision, "trained": checkpoint.exists(),
-                         "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
+                         "peak_window": detector.config.peak_window, "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
                          "gflops": round(counter.get_total_flops() / 1e9, 3),
                          "latency_ms": {"median": round(statistics.median(ordered), 2),
                                         "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2)},
