@@ -22,16 +22,18 @@ REASON = impairment_unavailable()
 @pytest.mark.skipif(REASON is not None, reason=f"real packet loss unavailable: {REASON}")
 def test_webrtc_agents_under_real_loss_are_fused_with_substituted_tiles(tmp_path) -> None:
     args = argparse.Namespace(deadline_ms=150.0, max_age_ms=300.0, rate_level=0)
-    world = {"seed": 4, "agents": 3, "frames": 30}
-    with NetnsTopology(2, prefix="cpe") as net:
-        config = _launch_config(args, world, net, 0, [1, -1], "substitution", rate_control=False)
+    # The ego and one roadside unit behind an impaired link: with three agents a slower 2-core machine is
+    # CPU-bound before any loss, and frames arrive late for that reason instead (see README, Packet loss).
+    world = {"seed": 4, "agents": 2, "frames": 30}
+    with NetnsTopology(1, prefix="cpe") as net:
+        config = _launch_config(args, world, net, 0, [-1], "substitution", rate_control=False)
         result = _run(config, net, 30.0, None, tmp_path, "e2e")
-    summary = _summarise(result, [1, -1])
+    summary = _summarise(result, [-1])
     report = result["report"]
     assert summary["frames_fused"] >= 25, summary
     assert 0.2 <= summary["measured_drop_share"] <= 0.4, summary  # the drops were real (nftables counters)
     assert summary["substituted_share"] > 0.05, summary  # lost tiles were filled from earlier frames
-    for agent in ("1", "-1"):
+    for agent in ("-1",):
         fusion_side = report["agents"][agent]["fusion"]
         assert fusion_side["transport"] == "webrtc" and fusion_side["chunks_refused"] == 0
         sent = report["agents"][agent]["uplink"]["sent"]  # a busy 2-core machine skips some of the 30 frames

@@ -20,13 +20,14 @@ pytestmark = pytest.mark.e2e
 # deadline_ms is generous on purpose: on a loaded 2-core machine an agent's frame can miss a 100 ms
 # deadline and then stand in for a later slot; such frames are not in a recording (FusedFrame.agent_frames
 # holds only frames fused fresh), and the replay could not reproduce them. A clean recording must replay
-# to the same AP.
+# to the same AP. For the same reason the session runs at 5 Hz: a fusion node that falls behind fuses the
+# newest slot and skips the ones in between (by design), which a replay would fuse.
 LAUNCH_FILE = """\
 world: {{seed: 3, agents: 2, frames: 20}}
 fusion: {{listen: "127.0.0.1:0", deadline_ms: 1000}}
 agents: all
 cache_dir: {cache}
-rate_hz: 10
+rate_hz: 5
 """
 SCHEMAS = {"foxglove.PointCloud", "foxglove.SceneUpdate", "foxglove.FrameTransforms", "cp.v1.FeatureFrame",
            "cp.v1.FusedFrame"}
