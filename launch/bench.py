@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agents import SceneFrame, SyntheticWorld, write_scene_frame
 from launch.console import console, progress, write_json
-from launch.world_cmd import add_world_options, world_config
+from launch.world_cmd import add_world_options, unit_interval, world_config
 
 
 def machine() -> dict:
@@ -77,7 +77,7 @@ def bench_models(args: argparse.Namespace) -> dict:
     """Per-agent inference time (pillars + backbone + refine + head + decode) per registered backbone."""
     from launch.models_bench import time_detectors
 
-    return time_detectors(_frame_clouds(args), peak_window=args.peak_window)
+    return time_detectors(_frame_clouds(args), peak_window=args.peak_window, peak_ratio=args.peak_ratio)
 
 
 def bench_fusion(args: argparse.Namespace) -> dict:
@@ -166,7 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--deadline-ms", type=float, default=150.0, help="loss: the fusion node's slot deadline")
     parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
     parser.add_argument("--peak-window", type=int, choices=(1, 3, 5),
-                        help="models: the decoder's heat-map local-maximum window (default: each checkpoint's, 3)")
+                        help="models: the decoder's heat-map peak window (default: each checkpoint's, 3)")
+    parser.add_argument("--peak-ratio", type=unit_interval,
+                        help="models: the decoder's peak ratio, 0 to 1 (default: each checkpoint's, 0.5)")
     parser.add_argument("--noise-levels", default="0,0.2,0.4,0.6",
                         help="pose: pose noise levels, metres and degrees alike, comma-separated")
     parser.add_argument("--no-latency", dest="latency", action="store_false",

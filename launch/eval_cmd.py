@@ -12,7 +12,7 @@ import torch
 from launch.console import console, progress, write_json
 from launch.datasets import HELD_OUT_SEED, scene_frames
 from launch.samples import coop_sample
-from launch.world_cmd import add_world_options, world_config
+from launch.world_cmd import add_world_options, unit_interval, world_config
 from models.cooperative import FUSION_MODES, CoopSample, detect_sample
 from models.detector import BevDetector, load_checkpoint
 from models.metrics import APAccumulator
@@ -99,8 +99,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_checkpoint(args.checkpoint, map_location=device)
     detector.to(device).eval()
-    if args.peak_window is not None:  # a decoding choice, not a weight: any checkpoint can be scored with it
-        detector.config = detector.config.model_copy(update={"peak_window": args.peak_window})
+    decoding = {k: v for k, v in (("peak_window", args.peak_window), ("peak_ratio", args.peak_ratio)) if v is not None}
+    if decoding:  # a decoding choice, not a weight: any checkpoint can be scored with it
+        detector.config = detector.config.model_copy(update=decoding)
     precision = detector.set_precision(args.precision)
     codec = None
     if args.rate_level is not None:
@@ -111,7 +112,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--rate-level {args.rate_level}: the codec has levels 0..{codec.config.rate_levels - 1}")
     samples = held_out_samples(args, detector.grid, detector.feature_cell_m)
     result = {"checkpoint": str(args.checkpoint), "backbone": detector.config.backbone,
-              "data": str(args.data) if args.data else f"synthetic seed {args.seed}", "precision": precision}
+              "data": str(args.data) if args.data else f"synthetic seed {args.seed}", "precision": precision,
+              "decoder": {"peak_window": detector.config.peak_window, "peak_ratio": detector.config.peak_ratio}}
     if codec is None:
         result.update(evaluate(detector, samples, args.fusion, args.dump))
     else:
@@ -140,6 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
                         help="arithmetic of the backbone and head (auto: bfloat16 where the hardware has it)")
     parser.add_argument("--peak-window", type=int, choices=(1, 3, 5),
-                        help="decoding: heat-map local-maximum window (default: the checkpoint's, 3)")
+                        help="decoding: the heat-map peak rule's window (default: the checkpoint's, 3)")
+    parser.add_argument("--peak-ratio", type=unit_interval,
+                        help="decoding: a cell is a candidate at this share of its window's maximum or more "
+                             "(1: local maxima only; default: the checkpoint's, 0.5)")
     add_world_options(parser)
     parser.set_defaults(func=cmd_eval)

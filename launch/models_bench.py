@@ -18,13 +18,13 @@ WARM_UP = 5
 
 
 def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
-                   peak_window: int | None = None) -> dict:
+                   peak_window: int | None = None, peak_ratio: float | None = None) -> dict:
     """For every registered backbone: median ms to detect one agent's cloud, parameters, GFLOPs.
 
     Times float32 and, where the hardware has it natively, bfloat16 (what ``precision: auto`` picks).
     GFLOPs are those inference runs: the box regressions are computed at the decoded peaks only.
     Uses the committed weights where they exist (the weights do not change the cost). ``peak_window``
-    (default: each detector's) is the decoder's local-maximum window.
+    and ``peak_ratio`` (default: each detector's) are the decoder's peak rule.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tensors = [torch.from_numpy(np.ascontiguousarray(c)).to(device) for c in clouds]
@@ -34,8 +34,9 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
         checkpoint = CHECKPOINTS / f"{name}.pt"
         detector = (load_checkpoint(checkpoint)[0] if checkpoint.exists()
                     else build_detector(DetectorConfig(backbone=name))).to(device).eval()
-        if peak_window is not None:
-            detector.config = detector.config.model_copy(update={"peak_window": peak_window})
+        decoding = {k: v for k, v in (("peak_window", peak_window), ("peak_ratio", peak_ratio)) if v is not None}
+        if decoding:
+            detector.config = detector.config.model_copy(update=decoding)
         for precision in precisions:
             detector.set_precision(precision)
             times_ms = []
@@ -51,7 +52,8 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
                     detector.detect(detector.features([tensors[0]]))
             ordered = sorted(times_ms)
             runs.append({"backbone": name, "precision": precision, "trained": checkpoint.exists(),
-                         "peak_window": detector.config.peak_window, "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
+                         "peak_window": detector.config.peak_window,
+                         "peak_ratio": detector.config.peak_ratio, "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
                          "gflops": round(counter.get_total_flops() / 1e9, 3),
                          "latency_ms": {"median": round(statistics.median(ordered), 2),
                                         "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2)},

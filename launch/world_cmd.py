@@ -54,6 +54,14 @@ def parse_pair(text: str, flag: str) -> tuple[float, float]:
     return a, b
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     config = world_config(args)
     world = SyntheticWorld(config)

@@ -452,14 +452,16 @@ def rotated_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return torch.as_tensor(order[kept], dtype=torch.int64, device=scores.device).reshape(-1)
 
 
-def _peak_scores(heatmap: Tensor, window: int = 3) -> Tensor:
-    """Sigmoid heat-map [B, K, H', W'] with every cell that is not a ``window`` x ``window`` local maximum
-    zeroed (``window`` 1: every cell kept)."""
+def _peak_scores(heatmap: Tensor, window: int = 3, ratio: float = 1.0) -> Tensor:
+    """Sigmoid heat-map [B, K, H', W'] with every cell below ``ratio`` times the maximum of its ``window`` x
+    ``window`` neighbourhood zeroed (``ratio`` 1: local maxima only; ``window`` 1: every cell kept)."""
     probability = torch.sigmoid(heatmap)
-    if window <= 1:
+    if window <= 1 or ratio <= 0.0:
         return probability
     neighbourhood_max = F.max_pool2d(probability, kernel_size=window, stride=1, padding=window // 2)
-    return probability * (probability == neighbourhood_max)
+    if ratio >= 1.0:
+        return probability * (probability == neighbourhood_max)
+    return probability * (probability >= ratio * neighbourhood_max)
 
 
 def _at_cells(dense: Tensor, cell: Tensor) -> Tensor:
@@ -501,6 +503,36 @@ CANDIDATES_PER_DETECTION = 4
 """With every cell a candidate, cells decoded before NMS per box returned (an object lights up several)."""
 
 
+def drop_duplicate_centres(detections: Tensor) -> Tensor:
+    """Drops each box whose centre lies within half a box width of a higher-scoring box of its class.
+
+    With every heat-map cell a candidate, the cells around an object decode (cell + offset) to nearly
+    the same centre; two distinct objects' centres are at least about a width apart (side-by-side cars
+    do not overlap). A distance test over all pairs (CenterPoint's circle NMS, without its sequential
+    pass: a box goes when any higher-scoring box is that close) removes those duplicates in a few
+    tensor operations, so the exact rotated NMS that follows sees about one candidate per object.
+
+    Args:
+        detections: [N, 9] decoded candidates (x, y, z, l, w, h, yaw, score, label).
+
+    Returns:
+        The surviving rows [N', 9], in their input order.
+    """
+    if detections.shape[0] < 2:
+        return detections
+    order = torch.argsort(detections[:, 7], descending=True, stable=True)
+    ranked = detections[order]  # [N, 9] by descending score
+    squared_distance = (ranked[:, None, :2] - ranked[None, :, :2]).square().sum(dim=2)  # [N, N]
+    radius = 0.5 * torch.minimum(ranked[:, None, 4], ranked[None, :, 4])  # [N, N]
+    same_class = ranked[:, None, 8] == ranked[None, :, 8]  # [N, N]
+    rank = torch.arange(ranked.shape[0], device=ranked.device)
+    ahead = rank[:, None] < rank[None, :]  # [N, N]: row i scores above column j
+    duplicate = (ahead & same_class & (squared_distance < radius.square())).any(dim=0)  # [N]
+    survivors = torch.zeros(detections.shape[0], dtype=torch.bool, device=detections.device)
+    survivors[order[~duplicate]] = True
+    return detections[survivors]
+
+
 @torch.no_grad()
 def decode(
     out: HeadOutput | PeakHeadOutput,
@@ -511,17 +543,22 @@ def decode(
     max_detections: int = 100,
     nms_iou_threshold: float = 0.1,
     peak_window: int = 3,
+    peak_ratio: float = 0.5,
 ) -> list[Tensor]:
     """Turns head outputs into scored boxes in the grid's frame.
 
-    Per sample: the local maxima of the sigmoid heat-map in a ``peak_window`` window, the
-    ``max_detections`` best above ``score_threshold`` (with ``peak_window`` 1, every cell, and
-    ``CANDIDATES_PER_DETECTION`` times as many), centre = cell centre + offset, size = exp,
-    yaw = atan2(sin, cos) / 2; then rotated NMS within each class, and the ``max_detections`` best.
+    Per sample: the cells of the sigmoid heat-map that score at least ``peak_ratio`` times the maximum
+    of their ``peak_window`` window; the ``max_detections`` best above ``score_threshold`` (with
+    ``peak_ratio`` 1, the local maxima; otherwise ``CANDIDATES_PER_DETECTION`` times as many), centre =
+    cell centre + offset, size = exp, yaw = atan2(sin, cos) / 2; then (``peak_ratio`` below 1) candidates
+    centred on a better one of their class dropped, rotated NMS within each class, and the
+    ``max_detections`` best.
 
-    With ``peak_window`` 1, rotated NMS alone decides which of neighbouring cells are one object: the
-    3x3 local-maximum rule (CenterNet's, the default) on 2 m cells also drops one of two cars parked
-    side by side, 2-4 m apart, but keeps a quarter of the candidates.
+    The strict local-maximum rule (``peak_ratio`` 1, CenterNet's) on 2 m cells drops one of two cars
+    parked side by side, 2-4 m apart: the weaker one's peak is the stronger one's neighbour. A halo cell
+    of one object scores a fraction of its peak, while a neighbouring object's peak scores about as
+    high as it, so keeping cells near their neighbourhood's maximum finds both; the decoded centres
+    (:func:`drop_duplicate_centres`) and rotated NMS then decide which candidates are one object.
 
     Args:
         out: Head output for a batch.
@@ -531,7 +568,9 @@ def decode(
         max_detections: Most boxes returned per sample.
         nms_iou_threshold: Rotated BEV IoU above which a lower-scoring box of the same class
             is suppressed.
-        peak_window: Odd window of the local-maximum rule on the heat-map; 1 keeps every cell.
+        peak_window: Odd window of the peak rule on the heat-map; 1 keeps every cell.
+        peak_ratio: A cell is a candidate when it scores at least this times its window's maximum
+            (1: local maxima only; 0: every cell).
 
     Returns:
         Per sample, a [N, 9] tensor (x, y, z, l, w, h, yaw_rad, score, label) sorted by
@@ -546,10 +585,15 @@ def decode(
                          f"{stride} is {(rows, cols)}")
     if peak_window < 1 or peak_window % 2 == 0:
         raise ValueError(f"peak_window must be a positive odd number of cells, got {peak_window}")
-    peaks = _peak_scores(out.heatmap, peak_window)  # [B, K, H', W']
-    top_k = max_detections if peak_window > 1 else CANDIDATES_PER_DETECTION * max_detections
+    if not 0.0 <= peak_ratio <= 1.0:
+        raise ValueError(f"peak_ratio must be in [0, 1], got {peak_ratio}")
+    peaks = _peak_scores(out.heatmap, peak_window, peak_ratio)  # [B, K, H', W']
+    strict = peak_window > 1 and peak_ratio >= 1.0  # one candidate per local maximum
+    top_k = max_detections if strict else CANDIDATES_PER_DETECTION * max_detections
     detections = []
     for b in range(peaks.shape[0]):
         candidates = _sample_candidates(out, peaks, b, grid, cell_m, score_threshold, top_k)
+        if not strict:
+            candidates = drop_duplicate_centres(candidates)
         detections.append(_nms_per_class(candidates, nms_iou_threshold)[:max_detections])
     return detections

@@ -221,8 +221,8 @@ def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
             ``merge`` and ``fused_head``), or lacks weights other than the merge's.
     """
     source, _ = load_checkpoint(path)
-    ours = detector.config.model_dump(exclude={"merge", "fused_head", "peak_window"})
-    theirs = source.config.model_dump(exclude={"merge", "fused_head", "peak_window"})
+    ours = detector.config.model_dump(exclude={"merge", "fused_head", "peak_window", "peak_ratio"})
+    theirs = source.config.model_dump(exclude={"merge", "fused_head", "peak_window", "peak_ratio"})
     if ours != theirs:
         raise CheckpointError(f"{path}: init_from needs a detector like this one apart from its merge: " + "; ".join(
             f"{k}: this config has {v!r}, the checkpoint {theirs.get(k)!r}" for k, v in ours.items() if theirs.get(k) != v))

@@ -33,6 +33,15 @@ def test_eval_refuses_a_rate_level_it_cannot_use(tmp_path: Path, capsys, argv: l
     assert message in capsys.readouterr().err
 
 
+def test_eval_scores_with_the_peak_rule_asked_for_and_refuses_a_ratio_outside_0_1(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--fusion", "late", "--peak-ratio", "1", "--json", str(out), *TINY_WORLD]) == 0
+    assert json.loads(out.read_text())["decoder"] == {"peak_window": 3, "peak_ratio": 1.0}
+    with pytest.raises(SystemExit):
+        main(["eval", "--fusion", "late", "--peak-ratio", "1.5", *TINY_WORLD])
+    assert "must be between 0 and 1, got 1.5" in capsys.readouterr().err
+
+
 def test_bench_codec_writes_the_documented_json_and_a_plot(tmp_path: Path) -> None:
     out, png = tmp_path / "codec.json", tmp_path / "codec.png"
     assert main(["bench", "codec", "--json", str(out), "--plot", str(png), *TINY_WORLD]) == 0

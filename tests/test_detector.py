@@ -614,3 +614,26 @@ def test_bfloat16_inference_keeps_types_and_nearly_the_float32_numbers(trained: 
             detector.set_precision("float16")
     finally:
         detector.set_precision("float32")
+
+
+COMMITTED = Path(__file__).resolve().parent.parent / "models" / "checkpoints"
+
+
+@pytest.mark.parametrize("fused, base", [("mobiledet_tiny_fused.pt", "mobiledet_tiny.pt"),
+                                         ("nextvit_tiny_fused.pt", "nextvit_tiny.pt")])
+def test_committed_fused_head_checkpoints_keep_their_base_detector_for_everything_agents_compute(
+        fused: str, base: str) -> None:
+    with_head, _ = load_checkpoint(COMMITTED / fused)
+    single, _ = load_checkpoint(COMMITTED / base)
+    assert with_head.fused_head is not None and with_head.config.merge == "context"
+    theirs = single.state_dict()
+    own = {k: v for k, v in with_head.state_dict().items() if not k.startswith(("merge.", "fused_"))}
+    assert own.keys() == {k for k in theirs if not k.startswith("merge.")}
+    for name, value in own.items():
+        assert torch.equal(value, theirs[name]), name
+    # The fused head was trained away from the copy it started as.
+    assert not torch.equal(with_head.state_dict()["fused_head.heatmap.2.weight"], theirs["head.heatmap.2.weight"])
+
+
+def test_committed_weights_stay_within_the_20_mb_budget() -> None:
+    assert sum(p.stat().st_size for p in COMMITTED.glob("*.pt")) <= 20_000_000

@@ -11,7 +11,7 @@ import torch
 from models.bev import BevGrid
 from models.geometry import wrap_angle_rad
 from models.head import (CenterHead, HeadOutput, HeadTargets, build_targets, compute_loss, decode,
-                         gaussian_radius_cells, rotated_nms)
+                         drop_duplicate_centres, gaussian_radius_cells, rotated_nms)
 
 GRID = BevGrid(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=0.4)
 STRIDE = 2  # head map: 40 x 40 cells of 0.8 m
@@ -94,12 +94,33 @@ def test_two_cars_side_by_side_in_neighbouring_cells_are_both_decoded() -> None:
     weaker[targets.heatmap == 1.0] = torch.tensor([0.9, 0.7])
     heatmap = torch.logit(weaker.clamp(1e-4, 1 - 1e-4))  # the gaussians around both centres
     out = HeadOutput(heatmap=heatmap, offset=perfect.offset, z=perfect.z, size=perfect.size, yaw=perfect.yaw)
-    both = decode(out, GRID, STRIDE, score_threshold=0.5, peak_window=1)[0]
-    assert len(both) == 2
-    np.testing.assert_allclose(sorted(both[:, 1].tolist()), [0.4, 1.2], atol=1e-4)
-    assert len(decode(out, GRID, STRIDE, score_threshold=0.5)[0]) == 1  # the default, 3
+    for rule in ({}, {"peak_window": 1}, {"peak_ratio": 0.0}):  # the default (3, 0.5) and every cell
+        both = decode(out, GRID, STRIDE, score_threshold=0.5, **rule)[0]
+        assert len(both) == 2, rule
+        np.testing.assert_allclose(sorted(both[:, 1].tolist()), [0.4, 1.2], atol=1e-4)
+    assert len(decode(out, GRID, STRIDE, score_threshold=0.5, peak_ratio=1.0)[0]) == 1  # local maxima only
+    # The weaker car's peak scores 0.7 against its neighbour's 0.9: a ratio above that loses it too.
+    assert len(decode(out, GRID, STRIDE, score_threshold=0.5, peak_ratio=0.8)[0]) == 1
     with pytest.raises(ValueError, match="odd"):
         decode(out, GRID, STRIDE, peak_window=2)
+    with pytest.raises(ValueError, match="peak_ratio"):
+        decode(out, GRID, STRIDE, peak_ratio=1.5)
+
+
+def test_duplicate_centres_go_and_neighbours_stay() -> None:
+    # (x, y, z, l, w, h, yaw, score, label)
+    candidates = torch.tensor([
+        [0.0, 0.0, -1.0, 4.5, 1.9, 1.5, 0.0, 0.6, 0.0],  # duplicate of the next (0.5 m < 1.9 / 2)
+        [0.3, 0.4, -1.0, 4.4, 1.8, 1.5, 0.1, 0.9, 0.0],
+        [0.3, 2.4, -1.0, 4.5, 1.9, 1.5, 0.0, 0.5, 0.0],  # side by side, 2.0 m apart: another car
+        [0.2, 0.3, -1.0, 0.6, 0.6, 1.7, 0.0, 0.4, 1.0],  # other class at the same place: kept
+        [0.0, 2.6, -1.0, 4.5, 1.9, 1.5, 0.0, 0.45, 0.0],  # duplicate of row 2, not of row 1 (2.2 m)
+        [0.0, 2.6, -1.0, 4.5, 1.9, 1.5, 0.0, 0.45, 0.0],  # its exact tie: also a duplicate of row 2
+    ])
+    kept = drop_duplicate_centres(candidates)
+    torch.testing.assert_close(kept, candidates[[1, 2, 3]])
+    assert drop_duplicate_centres(candidates[:1]).shape == (1, 9)
+    assert drop_duplicate_centres(candidates[:0]).shape == (0, 9)
 
 
 def test_targets_peak_at_centre_cell_with_radius_at_least_one() -> None:
