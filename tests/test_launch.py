@@ -123,7 +123,10 @@ def test_replaying_a_scenario_folder_scores_what_eval_scores(tmp_path: Path) -> 
     report, evaluated = tmp_path / "replay.json", tmp_path / "eval.json"
     patient = tmp_path / "fusion.yaml"  # a busy CI machine must not turn a slow frame into a stale one
     patient.write_text("fusion: {deadline_ms: 5000}\n")
-    replay = _cpstream("replay", str(folder), "--report", str(report), "--fusion-config", str(patient))
+    # At 2 Hz an agent on a loaded 2-core machine computes every frame in its slot instead of skipping
+    # to the newest (which live streaming does by design, and which would fuse other frames than eval).
+    replay = _cpstream("replay", str(folder), "--report", str(report), "--fusion-config", str(patient),
+                       "--rate-hz", "2")
     _, err = replay.communicate(timeout=240)
     assert replay.returncode == 0, err[-3000:]
     run = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--data", str(folder), "--fusion",
@@ -131,5 +134,12 @@ def test_replaying_a_scenario_folder_scores_what_eval_scores(tmp_path: Path) -> 
                          cwd=ROOT, capture_output=True, text=True, timeout=240)  # the nodes' default precision
     assert run.returncode == 0, run.stderr[-2000:]
     streamed, offline = json.loads(report.read_text()), json.loads(evaluated.read_text())
-    assert streamed["frames_scored"] == offline["frames"] == 10
-    assert streamed["ap"] == offline["ap"]
+    assert streamed["frames_scored"] == offline["frames"] == 10, streamed
+    assert streamed["ap"] == offline["ap"], streamed
+
+
+def test_replay_refuses_a_rate_for_a_recording(tmp_path: Path, capsys) -> None:
+    from launch.cli import main
+
+    assert main(["replay", str(tmp_path / "session.mcap"), "--rate-hz", "2"]) == 2
+    assert "--rate-hz is for a scenario folder" in capsys.readouterr().err
