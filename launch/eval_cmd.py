@@ -99,9 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_checkpoint(args.checkpoint, map_location=device)
     detector.to(device).eval()
-    decoding = {k: v for k, v in (("peak_window", args.peak_window), ("peak_ratio", args.peak_ratio)) if v is not None}
-    if decoding:  # a decoding choice, not a weight: any checkpoint can be scored with it
-        detector.config = detector.config.model_copy(update=decoding)
+    detector.set_decoder(peak_window=args.peak_window, peak_ratio=args.peak_ratio)
     precision = detector.set_precision(args.precision)
     codec = None
     if args.rate_level is not None:

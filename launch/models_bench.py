@@ -34,9 +34,7 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
         checkpoint = CHECKPOINTS / f"{name}.pt"
         detector = (load_checkpoint(checkpoint)[0] if checkpoint.exists()
                     else build_detector(DetectorConfig(backbone=name))).to(device).eval()
-        decoding = {k: v for k, v in (("peak_window", peak_window), ("peak_ratio", peak_ratio)) if v is not None}
-        if decoding:
-            detector.config = detector.config.model_copy(update=decoding)
+        detector.set_decoder(peak_window=peak_window, peak_ratio=peak_ratio)
         for precision in precisions:
             detector.set_precision(precision)
             times_ms = []
@@ -52,8 +50,8 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
                     detector.detect(detector.features([tensors[0]]))
             ordered = sorted(times_ms)
             runs.append({"backbone": name, "precision": precision, "trained": checkpoint.exists(),
-                         "peak_window": detector.config.peak_window,
-                         "peak_ratio": detector.config.peak_ratio, "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
+                         "peak_window": detector.config.peak_window, "peak_ratio": detector.config.peak_ratio,
+                         "params_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 4),
                          "gflops": round(counter.get_total_flops() / 1e9, 3),
                          "latency_ms": {"median": round(statistics.median(ordered), 2),
                                         "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2)},

@@ -201,6 +201,12 @@ class BevDetector(nn.Module):
         return self.decode(self.infer(features, fused), score_threshold=score_threshold,
                            max_detections=max_detections)
 
+    def set_decoder(self, *, peak_window: int | None = None, peak_ratio: float | None = None) -> None:
+        """Decode with another peak rule (a decoding choice, not a weight: any checkpoint can use any);
+        ``None`` keeps the current value. Raises pydantic's ValidationError for a value the config refuses."""
+        changes = {k: v for k, v in (("peak_window", peak_window), ("peak_ratio", peak_ratio)) if v is not None}
+        self.config = DetectorConfig.model_validate({**self.config.model_dump(), **changes})
+
     def decode(self, out: HeadOutput | PeakHeadOutput, *, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
         """Head outputs -> per-sample boxes ``[K, 9]`` (see :func:`models.head.decode`)."""
@@ -223,15 +229,15 @@ def build_detector(config: DetectorConfig) -> BevDetector:
     backbone = build_bev_backbone(config.backbone, in_channels=encoder.out_channels,
                                   out_channels=config.feature_channels, reduction=config.feature_reduction)
     channels = backbone.out_channels
-    refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3) for _ in range(config.refine_blocks)))
-    head = CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
+
+    def refine_and_head() -> tuple[nn.Module, CenterHead]:
+        refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3) for _ in range(config.refine_blocks)))
+        return refine, CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
+
+    refine, head = refine_and_head()
     merge = {"attention": AttentionMerge, "context": ContextMerge}.get(config.merge)
     merge = merge(channels) if merge is not None else None
-    fused_refine = fused_head = None
-    if config.fused_head:
-        fused_refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3)
-                                       for _ in range(config.refine_blocks)))
-        fused_head = CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
+    fused_refine, fused_head = refine_and_head() if config.fused_head else (None, None)
     return BevDetector(config, encoder, backbone, refine, head, merge, fused_refine, fused_head)
 
 

@@ -500,15 +500,15 @@ def _nms_per_class(detections: Tensor, iou_threshold: float) -> Tensor:
 
 
 CANDIDATES_PER_DETECTION = 4
-"""With every cell a candidate, cells decoded before NMS per box returned (an object lights up several)."""
+"""Without the strict local-maximum rule, cells decoded before NMS per box returned (an object lights up several)."""
 
 
 def drop_duplicate_centres(detections: Tensor) -> Tensor:
     """Drops each box whose centre lies within half a box width of a higher-scoring box of its class.
 
-    With every heat-map cell a candidate, the cells around an object decode (cell + offset) to nearly
-    the same centre; two distinct objects' centres are at least about a width apart (side-by-side cars
-    do not overlap). A distance test over all pairs (CenterPoint's circle NMS, without its sequential
+    When more than an object's peak cell is a candidate, the cells around it decode (cell + offset) to
+    nearly the same centre; two distinct objects' centres are at least about a width apart (side-by-side
+    cars do not overlap). A distance test over all pairs (CenterPoint's circle NMS, without its sequential
     pass: a box goes when any higher-scoring box is that close) removes those duplicates in a few
     tensor operations, so the exact rotated NMS that follows sees about one candidate per object.
 

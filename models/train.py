@@ -162,11 +162,11 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    merge_only = config.trains != "all"
+    base_frozen = config.trains != "all"  # a second stage: the trained detector stays as it was
     second_stage = trained_modules(detector, config.trains)
     trained = [p for m in second_stage for p in m.parameters()]
     for p in detector.parameters():
-        p.requires_grad_(not merge_only)
+        p.requires_grad_(not base_frozen)
     for p in trained:
         p.requires_grad_(True)
     optimiser = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
@@ -178,7 +178,7 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         rng = random.Random(config.seed + start)
     losses: list[float] = []
     detector.train()
-    if merge_only:  # frozen parts keep their normalisation statistics too
+    if base_frozen:  # frozen parts keep their normalisation statistics too
         detector.eval()
         for module in second_stage:
             module.train()
@@ -189,7 +189,7 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         if config.rotate_scene:
             sample = rotate_scene(sample, rng.uniform(-np.pi, np.pi), detector.feature_cell_m)
         parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss,
-                            fused_only=merge_only)
+                            fused_only=base_frozen)
         optimiser.zero_grad(set_to_none=True)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_(trained, 10.0)

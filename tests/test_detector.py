@@ -637,3 +637,16 @@ def test_committed_fused_head_checkpoints_keep_their_base_detector_for_everythin
 
 def test_committed_weights_stay_within_the_20_mb_budget() -> None:
     assert sum(p.stat().st_size for p in COMMITTED.glob("*.pt")) <= 20_000_000
+
+
+def test_set_decoder_changes_only_the_peak_rule_and_refuses_what_the_config_refuses() -> None:
+    detector = _detector(grid=SMALL_GRID_CONFIG)
+    before = detector.config
+    detector.set_decoder(peak_ratio=1.0)
+    assert detector.config == before.model_copy(update={"peak_ratio": 1.0})
+    detector.set_decoder(peak_window=1)
+    assert (detector.config.peak_window, detector.config.peak_ratio) == (1, 1.0)
+    for bad in ({"peak_window": 2}, {"peak_ratio": 1.5}):
+        with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
+            detector.set_decoder(**bad)
+    assert (detector.config.peak_window, detector.config.peak_ratio) == (1, 1.0)
