@@ -8,6 +8,7 @@ child processes print, never sleeps.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import subprocess
 import sys
@@ -149,38 +150,49 @@ asyncio.run(main())
 
 
 class Child:
-    """A Python child process in a namespace, driven by stdin lines; its stdout lines are awaited with a deadline."""
+    """A Python child process in a namespace, driven by stdin lines; its stdout lines are awaited with a deadline.
+
+    Stdout is read from the pipe's descriptor, never through a buffered reader: a buffered ``readline`` can take
+    two lines off the pipe at once, and a select on the descriptor would then wait for the second in vain.
+    """
 
     def __init__(self, argv: list[str], stderr: Path) -> None:
         self.stderr_path = stderr
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=stderr.open("w"), text=True)
+        self._fd = self.proc.stdout.fileno()
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self._selector.register(self._fd, selectors.EVENT_READ)
+        self._partial = b""
         self._unclaimed: list[tuple[str, str]] = []
 
     def send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def expect(self, word: str, timeout_s: float = 20.0) -> str:
-        """The rest of the next line whose first word is ``word`` (lines starting otherwise wait their turn)."""
+    def _claim(self, word: str) -> str | None:
         for k, (first, rest) in enumerate(self._unclaimed):
             if first == word:
                 del self._unclaimed[k]
                 return rest
+        return None
+
+    def expect(self, word: str, timeout_s: float = 20.0) -> str:
+        """The rest of the next line whose first word is ``word`` (lines starting otherwise wait their turn)."""
         deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not self._selector.select(remaining):
-                break
-            line = self.proc.stdout.readline()
-            if not line:
+        while (rest := self._claim(word)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._selector.select(remaining):
+                pytest.fail(f"no {word!r} line within {timeout_s} s (other lines: {self._unclaimed}): "
+                            f"{self.stderr_path.read_text()[-2000:]}")
+            data = os.read(self._fd, 65536)
+            if not data:
                 pytest.fail(f"child exited (rc {self.proc.wait()}) before {word!r}: {self.stderr_path.read_text()}")
-            first, _, rest = line.strip().partition(" ")
-            if first == word:
-                return rest
-            self._unclaimed.append((first, rest))
-        pytest.fail(f"no {word!r} line within {timeout_s} s: {self.stderr_path.read_text()[-2000:]}")
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for line in lines:
+                first, _, rest = line.decode().strip().partition(" ")
+                self._unclaimed.append((first, rest))
+        return rest
 
     def stop(self) -> None:
         if self.proc.poll() is None:
