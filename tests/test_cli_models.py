@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.cli import main
+from launch.train_cmd import load_train_config
+from models.detector import DetectorConfig
 
 TINY_WORLD = ["--seed", "11", "--frames", "2", "--agents", "2"]
 
@@ -55,3 +58,25 @@ def test_bench_codec_writes_the_documented_json_and_a_plot(tmp_path: Path) -> No
     for runs in result["baselines"].values():
         assert all({"bytes_per_frame", "ap"} <= set(run) for run in runs)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_committed_detector_is_written_by_a_training_config_whose_chain_starts_from_scratch() -> None:
+    """The README's reproduction commands hold together: each committed detector checkpoint is some config's
+    output, built with that config's detector, and its ``init_from`` chain ends in a run from scratch."""
+    root = Path(__file__).resolve().parent.parent
+    configs = {p.name: load_train_config(p) for p in sorted((root / "launch" / "configs").glob("*.yaml"))
+               if not p.name.startswith("codec_")}
+    writers = {config.checkpoint: name for name, config in configs.items()}
+    assert len(writers) == len(configs), "two configs write the same checkpoint"
+    committed = sorted(p for p in (root / "models" / "checkpoints").glob("*.pt") if not p.name.startswith("codec_"))
+    assert len(committed) >= 4
+    for path in committed:
+        name = writers.get(Path("models/checkpoints") / path.name)
+        assert name is not None, f"no config in launch/configs writes {path.name}"
+        saved = DetectorConfig.model_validate(torch.load(path, map_location="cpu", weights_only=True)["config"])
+        assert saved == configs[name].detector, f"{path.name} was not built with {name}'s detector"
+        chain = [name]
+        while (start := configs[chain[-1]].init_from) is not None:
+            assert start in writers, f"{chain[-1]} starts from {start}, which no config writes"
+            assert writers[start] not in chain, f"{chain} loops"
+            chain.append(writers[start])
