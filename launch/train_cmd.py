@@ -95,8 +95,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.init_from is not None:  # before the data, so a wrong file fails at once
         source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
         fresh = init_from_checkpoint(detector, source)
+        parts = sorted({"the fused hint's gain" if k.startswith("hint.") else f"the {config.detector.merge} merge"
+                        for k in fresh})
         console.print(f"starting from {config.init_from} ({len(fresh)} new weights"
-                      f"{f': the {config.detector.merge} merge' if fresh else ''})")
+                      f"{': ' + ', '.join(parts) if parts else ''})")
     detector = detector.to(device)
     trained = trained_modules(detector, config.optim.trains)  # before the data: a wrong config fails at once
     start = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from timm.layers import ConvNormAct
 from torch import nn
 
@@ -73,6 +73,15 @@ class DetectorConfig(BaseModel):
     """Give the merged map of intermediate fusion its own refinement and head (same shapes as the
     single-agent ones, from which a second stage starts them; see ``optim.trains: fused``): merged
     features of several agents are not one agent's, and the single-agent path stays as it was."""
+    fused_hint: bool = False
+    """Intermediate fusion also tells the fused map's head what each agent's own head sees: every agent's
+    heat-map (the single-agent refinement and head run on that agent's features, at the fusion node) is
+    warped into the ego grid with its features, and the most confident agent's value in each cell joins
+    the merged features as ``num_classes`` extra input channels of the fused refinement (and, through a
+    learned per-class gain that starts at zero, the fused heat-map's logit). Merged features blur an
+    object only one agent sees with the empty-looking cells of agents that cover it but cannot see it;
+    its own head's verdict survives the merge. Needs ``fused_head`` (a second stage starts it from a
+    checkpoint without the hint: the new input weights start at zero, so it starts as that checkpoint)."""
     nms_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
     """Rotated-IoU above which the lower-scoring of two boxes is dropped."""
     peak_window: int = Field(3, ge=1)
@@ -92,6 +101,12 @@ class DetectorConfig(BaseModel):
             raise ValueError(f"peak_window must be odd (a window centred on a cell), got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _hint_needs_fused_head(self) -> DetectorConfig:
+        if self.fused_hint and not self.fused_head:
+            raise ValueError("fused_hint feeds the fused map's own head: it needs fused_head: true")
+        return self
+
     @property
     def feature_cell_m(self) -> float:
         """Edge of one cell of the shared feature map: the lattice agents' BEV frames sit on."""
@@ -109,11 +124,12 @@ class BevDetector(nn.Module):
         head: features -> :class:`HeadOutput`.
         merge: ``None`` for the element-wise max, else a module ``(features, coverage) -> merged``.
         fused_refine, fused_head: the refinement and head of merged maps (``None``: the same as one agent's).
+        hint: with ``config.fused_hint``, the gain of the agents' own heat-maps in the fused one.
     """
 
     def __init__(self, config: DetectorConfig, encoder: PillarEncoder, backbone: nn.Module, refine: nn.Module,
                  head: CenterHead, merge: nn.Module | None, fused_refine: nn.Module | None = None,
-                 fused_head: CenterHead | None = None) -> None:
+                 fused_head: CenterHead | None = None, hint: HintGain | None = None) -> None:
         super().__init__()
         self.config = config
         self.grid: BevGrid = encoder.grid
@@ -124,6 +140,7 @@ class BevDetector(nn.Module):
         self.merge = merge
         self.fused_refine = fused_refine
         self.fused_head = fused_head
+        self.hint = hint
         self.compute_dtype: torch.dtype | None = None  # see set_precision
 
     def set_precision(self, precision: Precision) -> str:
@@ -166,14 +183,24 @@ class BevDetector(nn.Module):
         """Agents' features ``[N, C, h, w]`` (index 0 the ego) -> merged ``[1, C, h, w]`` in the ego grid.
 
         ``valid`` ``[N, 1, h, w]`` (optional) marks the cells each agent actually delivered
-        (e.g. the tiles that arrived); elsewhere that agent is treated as not covering the cell.
+        (e.g. the tiles that arrived); elsewhere that agent is treated as not covering the cell
+        (a value between 0 and 1 weights its evidence down). With ``config.fused_hint`` the result
+        has ``num_classes`` more channels: the agents' own heat-maps (probabilities), warped, each
+        weighted by its coverage, max over agents (see :attr:`DetectorConfig.fused_hint`).
         """
+        channels = features.shape[1]
+        if self.hint is not None:
+            with torch.no_grad(), self._autocast():  # an input of the fused head, not something it trains
+                own = torch.sigmoid(self.head.infer(self.refine(features)).heatmap.float())  # [N, K, h, w]
+            features = torch.cat([features, own], dim=1)
         warped, coverage = warp_to_ego(features, ego_from_agent, self.grid)
         if valid is not None:
             coverage = coverage * warp_to_ego(valid.to(features.dtype), ego_from_agent, self.grid, mode="nearest")[0]
-        if self.merge is None:
-            return max_merge(warped, coverage)
-        return self.merge(warped, coverage)
+        warped, own = warped[:, :channels], warped[:, channels:]
+        merged = max_merge(warped, coverage) if self.merge is None else self.merge(warped, coverage)
+        if self.hint is None:
+            return merged
+        return torch.cat([merged, (own * coverage).amax(dim=0, keepdim=True)], dim=1)
 
     def _stages(self, fused: bool) -> tuple[nn.Module, CenterHead]:
         if fused and self.fused_head is not None:
@@ -181,10 +208,13 @@ class BevDetector(nn.Module):
         return self.refine, self.head
 
     def forward(self, features: torch.Tensor, fused: bool = False) -> HeadOutput:
-        """One agent's features (or, with ``fused``, a merge of several agents') ``[B, C, h, w]`` -> dense
-        head outputs (what the loss compares)."""
+        """One agent's features (or, with ``fused``, a merge of several agents' from :meth:`fuse`)
+        ``[B, C, h, w]`` -> dense head outputs (what the loss compares)."""
         refine, head = self._stages(fused)
-        return head(refine(features))
+        out = head(refine(features))
+        if fused and self.hint is not None:
+            out = replace(out, heatmap=self.hint(out.heatmap, features[:, -self.config.num_classes:]))
+        return out
 
     def infer(self, features: torch.Tensor, fused: bool = False) -> PeakHeadOutput:
         """Features -> head outputs for decoding: the same numbers as :meth:`forward`, but the box
@@ -192,7 +222,10 @@ class BevDetector(nn.Module):
         refine, head = self._stages(fused)
         with self._autocast():
             out = head.infer(refine(features))
-        return replace(out, heatmap=out.heatmap.float(), shared=out.shared.float())
+        heatmap = out.heatmap.float()
+        if fused and self.hint is not None:
+            heatmap = self.hint(heatmap, features[:, -self.config.num_classes:].float())
+        return replace(out, heatmap=heatmap, shared=out.shared.float())
 
     def detect(self, features: torch.Tensor, *, fused: bool = False, score_threshold: float = 0.1,
                max_detections: int = 100) -> list[torch.Tensor]:
@@ -220,6 +253,18 @@ class BevDetector(nn.Module):
         return torch.sigmoid(out.heatmap).amax(dim=1)
 
 
+class HintGain(nn.Module):
+    """Adds the agents' own heat-map to the fused one: ``logit + gain * logit(hint)`` per class
+    (``gain`` starts at zero: a fused head trained without the hint is unchanged at first)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, heatmap: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        return heatmap + self.gain[None, :, None, None] * torch.logit(hint, eps=1e-4)
+
+
 def build_detector(config: DetectorConfig) -> BevDetector:
     """Build a detector; channel counts are read from the built modules."""
     if config.backbone not in list_backbones():
@@ -230,15 +275,20 @@ def build_detector(config: DetectorConfig) -> BevDetector:
                                   out_channels=config.feature_channels, reduction=config.feature_reduction)
     channels = backbone.out_channels
 
-    def refine_and_head() -> tuple[nn.Module, CenterHead]:
-        refine = nn.Sequential(*(ConvNormAct(channels, channels, kernel_size=3) for _ in range(config.refine_blocks)))
-        return refine, CenterHead(channels, num_classes=config.num_classes, head_channels=config.head_channels)
+    def refine_and_head(extra: int = 0) -> tuple[nn.Module, CenterHead]:
+        """``extra`` more input channels (the fused hint) go to the first layer, whichever it is."""
+        refine = nn.Sequential(*(ConvNormAct(channels + (extra if k == 0 else 0), channels, kernel_size=3)
+                                 for k in range(config.refine_blocks)))
+        head_in = channels + (extra if config.refine_blocks == 0 else 0)
+        return refine, CenterHead(head_in, num_classes=config.num_classes, head_channels=config.head_channels)
 
     refine, head = refine_and_head()
     merge = {"attention": AttentionMerge, "context": ContextMerge}.get(config.merge)
     merge = merge(channels) if merge is not None else None
-    fused_refine, fused_head = refine_and_head() if config.fused_head else (None, None)
-    return BevDetector(config, encoder, backbone, refine, head, merge, fused_refine, fused_head)
+    hint = config.num_classes if config.fused_hint else 0
+    fused_refine, fused_head = refine_and_head(hint) if config.fused_head else (None, None)
+    return BevDetector(config, encoder, backbone, refine, head, merge, fused_refine, fused_head,
+                       HintGain(config.num_classes) if config.fused_hint else None)
 
 
 def save_checkpoint(path: Path, detector: BevDetector, **extra) -> None:

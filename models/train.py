@@ -148,7 +148,7 @@ def trained_modules(detector: BevDetector, trains: str) -> list[torch.nn.Module]
         return [detector.merge]
     if detector.fused_head is None:
         raise ValueError("trains: fused needs a detector with its own head for fused maps (detector.fused_head: true)")
-    return [detector.merge, detector.fused_refine, detector.fused_head]
+    return [m for m in (detector.merge, detector.fused_refine, detector.fused_head, detector.hint) if m is not None]
 
 
 def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimConfig, checkpoint: Path, *,
@@ -208,12 +208,18 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
     return losses
 
 
+_STAGE_FIELDS = {"merge", "fused_head", "fused_hint", "peak_window", "peak_ratio"}
+"""Config fields a second stage may change relative to the detector it starts from."""
+
+
 def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
     """Start ``detector`` from the weights of a trained detector that differs from it in the merge (and
     ``fused_head``) only.
 
     The merge's weights are taken when the checkpoint has the same kind of merge; a fused map's own
-    refinement and head, when the checkpoint has none, start as copies of its single-agent ones.
+    refinement and head, when the checkpoint has none, start as copies of its single-agent ones. A
+    detector with ``fused_hint`` started from one without: the hint's input weights of the fused map's
+    first layer and its gain start at zero, so it starts computing what the checkpoint computed.
     Returns the names of the weights that were not in the checkpoint (e.g. a new merge's).
 
     Raises:
@@ -221,8 +227,8 @@ def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
             ``merge`` and ``fused_head``), or lacks weights other than the merge's.
     """
     source, _ = load_checkpoint(path)
-    ours = detector.config.model_dump(exclude={"merge", "fused_head", "peak_window", "peak_ratio"})
-    theirs = source.config.model_dump(exclude={"merge", "fused_head", "peak_window", "peak_ratio"})
+    ours = detector.config.model_dump(exclude=_STAGE_FIELDS)
+    theirs = source.config.model_dump(exclude=_STAGE_FIELDS)
     if ours != theirs:
         raise CheckpointError(f"{path}: init_from needs a detector like this one apart from its merge: " + "; ".join(
             f"{k}: this config has {v!r}, the checkpoint {theirs.get(k)!r}" for k, v in ours.items() if theirs.get(k) != v))
@@ -230,8 +236,15 @@ def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
              if not k.startswith("merge.") or source.config.merge == detector.config.merge}
     if detector.fused_head is not None and source.fused_head is None:
         state.update({f"fused_{k}": v.clone() for k, v in state.items() if k.startswith(("refine.", "head."))})
+    ours_state = detector.state_dict()
+    for key, value in list(state.items()):
+        wanted = ours_state.get(key)
+        if (wanted is not None and key.startswith("fused_") and value.ndim == 4 and wanted.shape[1] > value.shape[1]
+                and wanted.shape[0] == value.shape[0] and wanted.shape[2:] == value.shape[2:]):
+            state[key] = torch.cat([value, value.new_zeros(value.shape[0], wanted.shape[1] - value.shape[1],
+                                                           *value.shape[2:])], dim=1)  # the hint's new inputs
     result = detector.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("merge.")]
+    missing = [k for k in result.missing_keys if not k.startswith(("merge.", "hint."))]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {', '.join(missing[:4])}")
     return list(result.missing_keys)

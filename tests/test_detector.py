@@ -461,6 +461,45 @@ def test_fused_stage_starts_as_the_single_agent_head_and_trains_only_the_interme
                        detect_sample(detector, sample, "intermediate"))
 
 
+def test_fused_hint_starts_as_the_checkpoint_and_carries_each_agents_own_heat_map(
+        trained: TrainedRun, tmp_path: Path) -> None:
+    # A fused stage with the hint, started from one without: the hint's weights are zero, so it detects
+    # exactly what its checkpoint does; the hint channel is the agents' own heat-maps, merged by max.
+    plain = build_detector(trained.detector.config.model_copy(update={"merge": "context", "fused_head": True}))
+    init_from_checkpoint(plain, trained.checkpoint)
+    torch.nn.init.normal_(plain.fused_refine[0].conv.weight, std=0.05)  # unlike the single-agent copy
+    save_checkpoint(tmp_path / "plain.pt", plain)
+    hinted = build_detector(plain.config.model_copy(update={"fused_hint": True}))
+    assert init_from_checkpoint(hinted, tmp_path / "plain.pt") == ["hint.gain"]
+    sample = _coop_sample()
+    plain.eval(), hinted.eval()
+    assert np.allclose(detect_sample(hinted, sample, "intermediate"), detect_sample(plain, sample, "intermediate"))
+    with torch.no_grad():
+        features = hinted.features([torch.from_numpy(p) for p in sample.points])
+        own = torch.sigmoid(hinted.infer(features).heatmap)  # [2, 1, h, w]
+        alone = hinted.fuse(features[:1], torch.eye(4)[None])
+        assert alone.shape[1] == features.shape[1] + 1
+        assert torch.allclose(alone[:, :-1], features[:1]) and torch.allclose(alone[:, -1:], own[:1])
+        # Two agents on one spot: the hint is the larger of their heat-maps; an agent whose cells did not
+        # arrive adds nothing to it.
+        both = hinted.fuse(features, torch.eye(4).repeat(2, 1, 1))
+        assert torch.allclose(both[:, -1:], own.amax(dim=0, keepdim=True))
+        valid = torch.ones(2, 1, *features.shape[2:])
+        valid[1] = 0
+        assert torch.allclose(hinted.fuse(features, torch.eye(4).repeat(2, 1, 1), valid)[:, -1:], own[:1])
+    first, losses, changed = _second_stage(hinted, sample, "fused", tmp_path / "hinted.pt")
+    assert "hint.gain" in changed and "fused_refine.0.conv.weight" in changed
+    assert all(k.startswith(("merge.", "fused_refine.", "fused_head.", "hint.")) for k in changed), sorted(changed)[:5]
+    assert math.isfinite(losses[-1]) and np.mean(losses[-5:]) < first, (first, losses[-5:])
+    loaded, _ = load_checkpoint(tmp_path / "hinted.pt", hinted.config)
+    assert np.allclose(detect_sample(loaded.eval(), sample, "intermediate"), detect_sample(hinted, sample, "intermediate"))
+
+
+def test_fused_hint_needs_a_fused_head() -> None:
+    with pytest.raises(ValueError, match="fused_hint .* needs fused_head: true"):
+        _config("mobiledet_tiny", SMALL_GRID_CONFIG, merge="context", fused_hint=True)
+
+
 def test_fused_stage_refuses_a_detector_without_a_fused_head(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fused_head: true"):
         train(_detector(grid=SMALL_GRID_CONFIG, merge="context"), [_coop_sample()],
@@ -627,7 +666,7 @@ def test_committed_fused_head_checkpoints_keep_their_base_detector_for_everythin
     single, _ = load_checkpoint(COMMITTED / base)
     assert with_head.fused_head is not None and with_head.config.merge == "context"
     theirs = single.state_dict()
-    own = {k: v for k, v in with_head.state_dict().items() if not k.startswith(("merge.", "fused_"))}
+    own = {k: v for k, v in with_head.state_dict().items() if not k.startswith(("merge.", "fused_", "hint."))}
     assert own.keys() == {k for k in theirs if not k.startswith("merge.")}
     for name, value in own.items():
         assert torch.equal(value, theirs[name]), name
