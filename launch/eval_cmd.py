@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,15 @@ def evaluate(detector: BevDetector, samples: list[tuple[str, int, CoopSample]], 
     """AP of ``mode`` over ``samples``; detections outside the grid are dropped like the ground truth."""
     ap = APAccumulator()
     sent: list[float] = []
+    wall_ms: list[float] = []  # one frame's detection in this mode, every agent's share on this machine
     dump_file = dump.open("w") if dump is not None else None
     try:
         with progress() as bar:
             task = bar.add_task(f"eval {detector.config.backbone} {mode}", total=len(samples))
             for scenario, frame_index, sample in samples:
+                start = time.perf_counter()
                 det = detect_sample(detector, sample, mode)
+                wall_ms.append((time.perf_counter() - start) * 1000)
                 det = det[detector.grid.contains(det[:, :2])] if len(det) else det
                 ap.add_frame(det, sample.gt_boxes)
                 counts = _per_agent_counts(detector, sample) if mode == "late" else []
@@ -90,7 +94,8 @@ def evaluate(detector: BevDetector, samples: list[tuple[str, int, CoopSample]], 
             dump_file.close()
     result = ap.result()
     return {"fusion": mode, "ap": {k: (None if np.isnan(v) else round(v, 4)) for k, v in result.items()},
-            "frames": ap.frames, "gt_objects": ap.gt_count, "bytes_per_frame": round(float(np.mean(sent)), 1)}
+            "frames": ap.frames, "gt_objects": ap.gt_count, "bytes_per_frame": round(float(np.mean(sent)), 1),
+            "ms_per_frame": round(float(np.median(wall_ms)), 1) if wall_ms else None}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -214,7 +214,7 @@ _STAGE_FIELDS = {"merge", "fused_head", "fused_hint", "peak_window", "peak_ratio
 
 def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
     """Start ``detector`` from the weights of a trained detector that differs from it in the merge (and
-    ``fused_head``) only.
+    ``fused_head``, ``fused_hint``) only.
 
     The merge's weights are taken when the checkpoint has the same kind of merge; a fused map's own
     refinement and head, when the checkpoint has none, start as copies of its single-agent ones. A
@@ -224,7 +224,8 @@ def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
 
     Raises:
         CheckpointError: the checkpoint is unreadable, was trained with another config (apart from
-            ``merge`` and ``fused_head``), or lacks weights other than the merge's.
+            ``merge``, ``fused_head`` and ``fused_hint``), or lacks weights other than the merge's and the
+            hint's gain.
     """
     source, _ = load_checkpoint(path)
     ours = detector.config.model_dump(exclude=_STAGE_FIELDS)

@@ -39,7 +39,9 @@ def test_eval_refuses_a_rate_level_it_cannot_use(tmp_path: Path, capsys, argv: l
 def test_eval_scores_with_the_peak_rule_asked_for_and_refuses_a_ratio_outside_0_1(tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval.json"
     assert main(["eval", "--fusion", "late", "--peak-ratio", "1", "--json", str(out), *TINY_WORLD]) == 0
-    assert json.loads(out.read_text())["decoder"] == {"peak_window": 3, "peak_ratio": 1.0}
+    result = json.loads(out.read_text())
+    assert result["decoder"] == {"peak_window": 3, "peak_ratio": 1.0}
+    assert result["frames"] == 2 and result["ms_per_frame"] > 0  # the median wall time of one frame's detection
     with pytest.raises(SystemExit):
         main(["eval", "--fusion", "late", "--peak-ratio", "1.5", *TINY_WORLD])
     assert "must be between 0 and 1, got 1.5" in capsys.readouterr().err
