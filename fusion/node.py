@@ -116,6 +116,11 @@ class FusionConfig(BaseModel):
     history) when the ego's own frame for the slot is missing, instead of at its last frame's pose."""
 
 
+class _RefusedAgain(Exception):
+    """A frame whose decoding was refused before, as far as it had arrived then (on arrival or at a
+    tick): not counted a second time."""
+
+
 @dataclass(slots=True)
 class AgentState:
     """Per-agent buffer, evidence memory and counters."""
@@ -127,6 +132,7 @@ class AgentState:
     taken: dict[int, int] = field(default_factory=dict)  # sequence -> revision taken into the memory
     memory: EvidenceMemory | None = None
     late_counted: set[int] = field(default_factory=set)
+    refused_decoding: dict[int, int] = field(default_factory=dict)  # sequence -> revision refused (counted once)
     send_control: Callable[[Control], None] | None = None
     streams: int = 0
     frames_received: int = 0
@@ -378,8 +384,9 @@ class FusionNode(FusionServicer):
             try:
                 await asyncio.get_running_loop().run_in_executor(self._torch_thread, self._decoded, state,
                                                                  _FrameView.of(assembly, with_message=True))
-            except FrameRefused as err:
-                self._refuse(state, frame, str(err))
+            except (FrameRefused, _RefusedAgain) as err:
+                if isinstance(err, FrameRefused):
+                    self._refuse(state, frame, str(err))
                 state.buffer.frames.pop(assembly.sequence, None)
                 return
         if first_chunk:
@@ -391,9 +398,17 @@ class FusionNode(FusionServicer):
         cached = state.decoded.get(view.sequence)
         if cached is not None and cached[0] >= view.revision:
             return cached[1]
-        contribution = decode_frame(view.message, detector=self.detector, codec=self.codec, grid=self.grid,
-                                    receive_time_ns=view.last_receive_ns,
-                                    max_payload_bytes=self.config.max_payload_bytes, device=self.device)
+        if state.refused_decoding.get(view.sequence, -1) >= view.revision:
+            raise _RefusedAgain(view.sequence)
+        try:
+            contribution = decode_frame(view.message, detector=self.detector, codec=self.codec, grid=self.grid,
+                                        receive_time_ns=view.last_receive_ns,
+                                        max_payload_bytes=self.config.max_payload_bytes, device=self.device)
+        except FrameRefused:  # the arrival and a tick may both try a complete frame: it is refused once
+            state.refused_decoding[view.sequence] = view.revision
+            if len(state.refused_decoding) > 4 * FRAMES_KEPT:
+                del state.refused_decoding[min(state.refused_decoding)]
+            raise
         if cached is None:
             state.tiles_corrupt += contribution.tiles_refused
         state.decoded[view.sequence] = (view.revision, contribution)
@@ -537,8 +552,9 @@ class FusionNode(FusionServicer):
                 continue
             try:
                 c = self._decoded(state, frame)
-            except FrameRefused as err:
-                self._refuse(state, frame.message, str(err))
+            except (FrameRefused, _RefusedAgain) as err:
+                if isinstance(err, FrameRefused):
+                    self._refuse(state, frame.message, str(err))
                 state.taken[frame.sequence] = frame.revision
                 continue
             if state.memory is None:

@@ -246,3 +246,24 @@ async def test_subscribers_can_filter_and_recorders_get_the_agent_frames(models)
     assert len(got["none"].boxes) == 0 and len(got["none"].contributions) == 0
     assert not got["none"].agent_frames
     assert got["all"].latency_ms > 0
+
+
+def test_a_frame_refused_on_arrival_is_not_counted_again_when_a_tick_tries_it(models) -> None:
+    # The arrival and a tick can both try a complete frame before it leaves the buffer; either way one bad
+    # frame is one refusal. The tick's attempt here is the arrival's repeated, as the race would have it.
+    from fusion.node import _FrameView
+
+    detector, codec = models
+    node = FusionNode(FusionConfig(listen="127.0.0.1:0", allow_any_agent=True), detector, codec)
+    state = node._state(0, "grpc")
+    frame = _raw_frame(0, 2, expected_grid(detector, None), value=math.nan)
+    assembly = state.buffer.add(frame, time.time_ns(), frame.ByteSize())
+    plan = {node.slot_of(assembly.capture_time_ns): _FrameView.of(assembly, with_message=True)}
+
+    async def arrive() -> None:
+        await node._receive(state, frame, frame.ByteSize())
+
+    state.buffer.frames.pop(assembly.sequence)  # _receive adds it again
+    asyncio.run(arrive())
+    node._evidence(state, max(plan), plan)
+    assert state.frames_refused == 1 and state.refused_by_reason == {"raw features hold": 1}, state.refused_by_reason
