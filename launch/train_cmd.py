@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents import WorldConfig
 from launch.console import console, progress
@@ -37,6 +37,27 @@ class TrainDataConfig(BaseModel):
     """Take every n-th frame (neighbouring frames are nearly the same)."""
     world: WorldConfig = WorldConfig(frames=60, camera={"count": 0})
     """The world settings (its seed is replaced per world)."""
+    agent_counts: list[int] | None = None
+    """Agents per world in turn (world k has ``agent_counts[k % len]``), so a fused model sees as
+    many agents as it will meet; unset: ``world.agents`` for every world."""
+
+    @model_validator(mode="after")
+    def _counts_fit_the_world(self) -> TrainDataConfig:
+        if self.agent_counts is not None:
+            if not self.agent_counts:
+                raise ValueError("agent_counts is empty; leave it out to use world.agents")
+            for count in self.agent_counts:  # the world's own rules (range, roadside units) name what is wrong
+                WorldConfig.model_validate({**self.world.model_dump(), "agents": count})
+        return self
+
+    def world_configs(self) -> list[WorldConfig]:
+        """The synthetic worlds trained on, in order."""
+        def one(k: int) -> WorldConfig:
+            update: dict = {"seed": self.first_seed + k}
+            if self.agent_counts is not None:
+                update["agents"] = self.agent_counts[k % len(self.agent_counts)]
+            return WorldConfig.model_validate({**self.world.model_dump(), **update})
+        return [one(k) for k in range(self.worlds)]
 
 
 class TrainConfig(BaseModel):
@@ -72,8 +93,7 @@ def build_samples(data: TrainDataConfig, detector: DetectorConfig) -> list[CoopS
     """Training samples in the BEV frames of ``detector`` (its grid and feature lattice)."""
     grid = detector.grid.build()
     lattice_m = detector.feature_cell_m
-    sources = [(data.data_dir, None)] if data.data_dir is not None else [
-        (None, data.world.model_copy(update={"seed": data.first_seed + k})) for k in range(data.worlds)]
+    sources = [(data.data_dir, None)] if data.data_dir is not None else [(None, w) for w in data.world_configs()]
     samples: list[CoopSample] = []
     with progress() as bar:
         task = bar.add_task("building training samples", total=None)

@@ -82,3 +82,21 @@ def test_every_committed_detector_is_written_by_a_training_config_whose_chain_st
             assert start in writers, f"{chain[-1]} starts from {start}, which no config writes"
             assert writers[start] not in chain, f"{chain} loops"
             chain.append(writers[start])
+
+
+def test_training_worlds_take_their_agent_counts_in_turn_and_a_count_the_world_refuses_is_named() -> None:
+    from pydantic import ValidationError
+
+    from launch.train_cmd import TrainDataConfig
+
+    data = TrainDataConfig(first_seed=1200, worlds=5, agent_counts=[3, 5], world={"frames": 2, "roadside_units": 1})
+    worlds = data.world_configs()
+    assert [(w.seed, w.agents, w.frames, w.roadside_unit_count) for w in worlds] == [
+        (1200, 3, 2, 1), (1201, 5, 2, 1), (1202, 3, 2, 1), (1203, 5, 2, 1), (1204, 3, 2, 1)]
+    assert [w.agents for w in TrainDataConfig(worlds=2, world={"agents": 6}).world_configs()] == [6, 6]
+    with pytest.raises(ValidationError, match="agent_counts is empty"):
+        TrainDataConfig(agent_counts=[])
+    with pytest.raises(ValidationError, match="agents"):
+        TrainDataConfig(agent_counts=[3, 9])
+    with pytest.raises(ValidationError, match="roadside_units=2"):  # 2 agents, both roadside units: no vehicle
+        TrainDataConfig(agent_counts=[4, 2], world={"roadside_units": 2})
