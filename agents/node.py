@@ -36,7 +36,7 @@ from models.bev import aligned_bev_frame
 from models.codec import CodedTile, FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, Precision, load_checkpoint
-from models.geometry import invert_se3, transform_points
+from models.geometry import invert_se3, transform_boxes, transform_points
 from protos import Control, FeatureDtype, FeatureFrame
 from transport import (RAW_CODEC_ID, FeatureUplink, FramingError, GridSpec, LinkError, TlsFiles, feature_frame,
                        pose_from_proto)
@@ -308,7 +308,7 @@ class AgentNode:
         common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
                   "world_from_agent": world_from_bev, "grid": self.grid, "detections": detections[:, :9],
                   "pose_covariance": agent.pose_covariance, "pose_correction_sequence": correction,
-                  **self._odometry(agent, bev_from_ground)}
+                  **self._odometry(agent, bev_from_ground, detections)}
         if self.codec is None:
             dtype = np.float16 if self.config.raw_dtype == "float16" else np.float32
             payload = features[0].cpu().numpy().astype(dtype).tobytes()
@@ -327,11 +327,12 @@ class AgentNode:
         return feature_frame(codec_id=self.codec.codec_id, rate_level=coded.level, tiles=coded.tiles,
                              tile_count=self.codec.tile_count(coded.feature_shape), **common)
 
-    def _odometry(self, agent: AgentFrame, bev_from_ground: np.ndarray) -> dict:
-        """``odom_from_agent`` (the BEV frame in the odometry frame) and its step covariance, if enabled."""
+    def _odometry(self, agent: AgentFrame, bev_from_ground: np.ndarray, detections: np.ndarray) -> dict:
+        """``odom_from_agent`` (the BEV frame in the odometry frame) and its step covariance, if enabled;
+        ``detections`` (BEV frame) are the vehicles the match leaves out."""
         if self.odometry is None:
             return {}
-        step = self.odometry.step(ground_points(agent))
+        step = self.odometry.step(ground_points(agent), transform_boxes(invert_se3(bev_from_ground), detections[:, :8]))
         covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
         return {"odom_from_agent": step.odom_from_ground @ invert_se3(bev_from_ground), "odometry_covariance": covariance}
 

@@ -3,6 +3,17 @@
 An agent's reported pose (GNSS/INS) is absolute but noisy from frame to frame; its own motion
 between two sweeps is what scan matching measures well (1-2 cm and 0.004-0.01 degrees per frame, median
 and 90th percentile, on a training world). The agent sends both; the fusion node filters one with the other.
+
+Other vehicles move, and a sweep matched onto the previous one with them in it is pulled towards
+their motion: in traffic the error of a step is then mostly a bias, so it grows with the number of
+steps, not with its square root (training world seed 1001, 3 agents, 40 frames, position error of the
+dead-reckoned motion over 5 / 10 / 20 steps, rms: 0.10 / 0.19 / 0.38 m). Leaving out the points in
+the agent's own detected vehicles (``exclude_detections``, boxes from ``mobiledet_tiny.pt``) halves it:
+0.057 / 0.100 / 0.19 m (seed 1002: 0.040 / 0.079 / 0.16 m without, 0.020 / 0.035 / 0.061 m with). With
+every ground-truth vehicle left out instead it is 0.035 / 0.062 / 0.12 m on seed 1001, with only the
+moving ones 0.026 / 0.048 / 0.091 m: the detector misses some. The step sigmas below stay as they were:
+0.02 m / 0.015 degrees instead (what the drift over 10 steps would give as a random walk) scored lower
+on the pose bench (seed 0, 0.6 m / 0.6 degrees: intermediate AP@0.7 0.421 against 0.428).
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import numpy as np
 import open3d as o3d
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.boxes import points_in_boxes
 from models.geometry import planar
 
 log = logging.getLogger(__name__)
@@ -41,6 +53,12 @@ class OdometryConfig(BaseModel):
     lost_sigma_xy_m: float = Field(5.0, gt=0.0)
     """Standard deviation reported for a step that could not be matched (the motion is then a guess)."""
     lost_sigma_yaw_deg: float = Field(5.0, gt=0.0)
+    exclude_detections: bool = True
+    """Leave the points inside the agent's own detections out of the match (other vehicles move)."""
+    exclude_min_score: float = Field(0.3, ge=0.0, le=1.0)
+    """Only detections at least this confident are left out."""
+    exclude_margin_m: float = Field(0.3, ge=0.0)
+    """Each detection is grown by this much on every side (its points reach past a box that is a little off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +89,20 @@ class LidarOdometry:
         cloud.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=3 * self.config.voxel_m, max_nn=20))
         return cloud
 
-    def step(self, points_ground: np.ndarray) -> OdometryStep:
-        """Register a sweep (``[N, >=3]`` in the agent's ground frame: z is height above the ground)."""
+    def step(self, points_ground: np.ndarray, detections: np.ndarray | None = None) -> OdometryStep:
+        """Register a sweep (``[N, >=3]`` in the agent's ground frame: z is height above the ground).
+
+        ``detections`` ``[K, 8]`` (x, y, z, l, w, h, yaw, score, same frame): with
+        ``config.exclude_detections``, the points inside those at least ``exclude_min_score``
+        confident are left out (at every height).
+        """
+        if detections is not None and self.config.exclude_detections and len(detections) and len(points_ground):
+            boxes = np.asarray(detections, dtype=np.float64)
+            boxes = boxes[boxes[:, 7] >= self.config.exclude_min_score, :7].copy()
+            if len(boxes):
+                boxes[:, 2], boxes[:, 5] = 0.0, np.inf  # a column: the whole height
+                inside = points_in_boxes(points_ground, boxes, self.config.exclude_margin_m).any(axis=1)
+                points_ground = points_ground[~inside]
         cloud = self._cloud(points_ground)
         if self._previous is None or len(cloud.points) < 10 or len(self._previous.points) < 10:
             self._previous = cloud

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from agents import SceneFrame
-from agents.node import ground_points, ground_pose
+from agents.node import bev_input, ground_points, ground_pose
 from agents.odometry import LidarOdometry, OdometryConfig, OdometryStep
 from fusion.alignment import (AgentView, CorrectionConfig, FilterConfig, PlanarSigma, PoseCorrector, PoseFilter,
                               planar_delta)
@@ -30,7 +30,7 @@ from launch.world_cmd import world_config
 from models.bev import aligned_bev_frame
 from models.cooperative import merge_late
 from models.detector import BevDetector, load_checkpoint
-from models.geometry import invert_se3, perturb_pose
+from models.geometry import invert_se3, perturb_pose, transform_boxes
 from models.metrics import APAccumulator
 
 NOISE_DRAW = 7919
@@ -70,15 +70,24 @@ its odometry alone; relative poses tracked with odometry and registration (what 
 what ``correction: true`` means in the result)."""
 
 
-def odometry_track(frames: list[SceneFrame], config: OdometryConfig) -> dict[tuple[int, int], OdometryStep]:
-    """Each agent's scan-to-scan odometry over the frames, keyed by (frame index, agent id)."""
+@torch.no_grad()
+def odometry_track(frames: list[SceneFrame], config: OdometryConfig, detector: BevDetector | None = None
+                   ) -> dict[tuple[int, int], OdometryStep]:
+    """Each agent's scan-to-scan odometry over the frames, keyed by (frame index, agent id); with a
+    ``detector``, each sweep's match leaves out the vehicles the agent detects in it (as an agent does)."""
     tracks = {a: LidarOdometry(config) for a in frames[0].agents}
     with progress() as bar:
         task = bar.add_task("lidar odometry", total=len(frames))
         out = {}
         for frame in frames:
             for agent_id, agent in frame.agents.items():
-                out[(frame.frame_index, agent_id)] = tracks[agent_id].step(ground_points(agent))
+                detections = None
+                if detector is not None and config.exclude_detections:
+                    _, bev_from_ground, points = bev_input(agent, detector.feature_cell_m)
+                    device = next(detector.parameters()).device
+                    found = detector.detect(detector.features([torch.from_numpy(points).to(device)]))[0]
+                    detections = transform_boxes(invert_se3(bev_from_ground), found[:, :8].cpu().numpy())
+                out[(frame.frame_index, agent_id)] = tracks[agent_id].step(ground_points(agent), detections)
             bar.advance(task)
     return out
 
@@ -196,7 +205,7 @@ def bench_pose(args: argparse.Namespace) -> dict:
         for frame in frames_iter:
             frames.append(frame)
             bar.advance(task)
-    odometry = odometry_track(frames, OdometryConfig(enabled=True))
+    odometry = odometry_track(frames, OdometryConfig(enabled=True), detector)
     runs, ablation, residuals = [], [], []
     for sigma in levels:
         state = {"filters": {a: PoseFilter(FilterConfig()) for a in frames[0].agents},
