@@ -332,9 +332,10 @@ class AgentNode:
         ``detections`` (BEV frame) are the vehicles the match leaves out."""
         if self.odometry is None:
             return {}
-        step = self.odometry.step(ground_points(agent), transform_boxes(invert_se3(bev_from_ground), detections[:, :8]))
+        ground_from_bev = invert_se3(bev_from_ground)
+        step = self.odometry.step(ground_points(agent), transform_boxes(ground_from_bev, detections[:, :8]))
         covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
-        return {"odom_from_agent": step.odom_from_ground @ invert_se3(bev_from_ground), "odometry_covariance": covariance}
+        return {"odom_from_agent": step.odom_from_ground @ ground_from_bev, "odometry_covariance": covariance}
 
     async def run(self) -> AgentCounters:
         """Play the source; returns the counters. Raises ``LinkError`` if the fusion node refuses us."""

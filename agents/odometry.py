@@ -11,9 +11,9 @@ dead-reckoned motion over 5 / 10 / 20 steps, rms: 0.10 / 0.19 / 0.38 m). Leaving
 the agent's own detected vehicles (``exclude_detections``, boxes from ``mobiledet_tiny.pt``) halves it:
 0.057 / 0.100 / 0.19 m (seed 1002: 0.040 / 0.079 / 0.16 m without, 0.020 / 0.035 / 0.061 m with). With
 every ground-truth vehicle left out instead it is 0.035 / 0.062 / 0.12 m on seed 1001, with only the
-moving ones 0.026 / 0.048 / 0.091 m: the detector misses some. The step sigmas below stay as they were:
-0.02 m / 0.015 degrees instead (what the drift over 10 steps would give as a random walk) scored lower
-on the pose bench (seed 0, 0.6 m / 0.6 degrees: intermediate AP@0.7 0.421 against 0.428).
+moving ones 0.026 / 0.048 / 0.091 m: the detector misses some. The step sigmas below were kept:
+0.02 m / 0.015 degrees (what the drift over 10 steps would give as a random walk) scored lower on the
+pose bench (seed 0, 0.6 m / 0.6 degrees: intermediate AP@0.7 0.421 against 0.428).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class LidarOdometry:
         """
         if detections is not None and self.config.exclude_detections and len(detections) and len(points_ground):
             boxes = np.asarray(detections, dtype=np.float64)
-            boxes = boxes[boxes[:, 7] >= self.config.exclude_min_score, :7].copy()
+            boxes = boxes[boxes[:, 7] >= self.config.exclude_min_score, :7]  # a copy: edited below
             if len(boxes):
                 boxes[:, 2], boxes[:, 5] = 0.0, np.inf  # a column: the whole height
                 inside = points_in_boxes(points_ground, boxes, self.config.exclude_margin_m).any(axis=1)

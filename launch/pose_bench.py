@@ -76,15 +76,16 @@ def odometry_track(frames: list[SceneFrame], config: OdometryConfig, detector: B
     """Each agent's scan-to-scan odometry over the frames, keyed by (frame index, agent id); with a
     ``detector``, each sweep's match leaves out the vehicles the agent detects in it (as an agent does)."""
     tracks = {a: LidarOdometry(config) for a in frames[0].agents}
+    detect = detector is not None and config.exclude_detections
+    device = next(detector.parameters()).device if detect else None
     with progress() as bar:
         task = bar.add_task("lidar odometry", total=len(frames))
         out = {}
         for frame in frames:
             for agent_id, agent in frame.agents.items():
                 detections = None
-                if detector is not None and config.exclude_detections:
+                if detect:
                     _, bev_from_ground, points = bev_input(agent, detector.feature_cell_m)
-                    device = next(detector.parameters()).device
                     found = detector.detect(detector.features([torch.from_numpy(points).to(device)]))[0]
                     detections = transform_boxes(invert_se3(bev_from_ground), found[:, :8].cpu().numpy())
                 out[(frame.frame_index, agent_id)] = tracks[agent_id].step(ground_points(agent), detections)

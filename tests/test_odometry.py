@@ -18,12 +18,13 @@ def _poles(rng: np.random.Generator) -> np.ndarray:
 
 
 def _vehicle_beside(rng: np.random.Generator) -> np.ndarray:
-    """A 4.5 m x 1.8 m vehicle 4 m to the agent's left (agent frame), densely hit: it keeps pace with the agent."""
+    """A 4.5 m x 1.8 m vehicle centred 4 m to the agent's left (agent frame), densely hit on its four
+    sides: it keeps pace with the agent."""
     n = 6000
-    x = rng.uniform(-2.25, 2.25, n)
-    side = rng.integers(0, 2, n)
-    y = np.where(side == 0, 4.0 - 0.9, rng.uniform(3.1, 4.9, n))
-    x = np.where(side == 0, x, np.where(rng.integers(0, 2, n) == 0, -2.25, 2.25))
+    along = rng.uniform(-0.5, 0.5, n)  # position along a side, as a share of its length
+    side = rng.integers(0, 4, n)  # right, left, rear, front
+    x = np.where(side < 2, 4.5 * along, np.where(side == 2, -2.25, 2.25))
+    y = 4.0 + np.where(side < 2, np.where(side == 0, -0.9, 0.9), 1.8 * along)
     return np.stack([x, y, rng.uniform(0.4, 1.5, n)], axis=1)
 
 
