@@ -27,6 +27,10 @@ def test_webrtc_agents_under_real_loss_are_fused_with_substituted_tiles(tmp_path
     world = {"seed": 4, "agents": 2, "frames": 30}
     with NetnsTopology(1, prefix="cpe") as net:
         config = _launch_config(args, world, net, 0, [-1], "substitution", rate_control=False)
+        # Played at 5 Hz, not the bench's 10: on a slow spell of a shared 2-core machine an agent's frame took
+        # 200+ ms (bench models three times slower than usual), frames were skipped and only 23 of 30 slots
+        # fused. Speed is the benchmarks' business; this test is about loss and substitution.
+        config["rate_hz"] = 5
         result = _run(config, net, 30.0, None, tmp_path, "e2e")
     summary = _summarise(result, [-1])
     report = result["report"]
