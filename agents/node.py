@@ -126,13 +126,16 @@ class AgentNodeConfig(BaseModel):
     agent_id: int
     fusion: str = "127.0.0.1:50051"
     """The fusion node's ``host:port`` (gRPC)."""
-    transport: Literal["grpc", "webrtc"] = "grpc"
+    transport: Literal["grpc", "webrtc", "udp"] = "grpc"
     """``grpc``: one reliable stream (TCP). ``webrtc``: frames split into self-contained chunks on an
-    unordered data channel without retransmission, so a lost chunk costs only its tiles."""
+    unordered data channel without retransmission, so a lost chunk costs only its tiles. ``udp``: the
+    same chunks in plain datagrams, no congestion control, no encryption (a trusted network or radio)."""
     webrtc: str = ""
     """The fusion node's WebRTC signalling URL, e.g. ``http://10.0.0.2:8765`` (``transport: webrtc``)."""
+    udp: str = ""
+    """The fusion node's datagram ``host:port``, e.g. ``10.0.0.2:8766`` (``transport: udp``)."""
     max_chunk_bytes: int = Field(1100, ge=300, le=60_000)
-    """Largest chunk on the WebRTC data channel (well under the path MTU)."""
+    """Largest chunk on the WebRTC data channel or in one datagram (well under the path MTU)."""
     rate_control: RateConfig = RateConfig()
     """Adapt bytes per frame and frame rate to the fusion node's link reports."""
     token: str = ""
@@ -232,6 +235,12 @@ class AgentNode:
             from transport.webrtc_link import WebRtcUplink  # aiortc is imported only where WebRTC is used
             self.uplink = WebRtcUplink(config.webrtc, config.agent_id, self.token, on_control=self._on_control,
                                        max_chunk_bytes=config.max_chunk_bytes)
+        elif config.transport == "udp":
+            if not config.udp:
+                raise ValueError("transport udp needs the fusion node's datagram address in 'udp' (HOST:PORT)")
+            from transport.datagram_link import DatagramUplink
+            self.uplink = DatagramUplink(config.udp, config.agent_id, self.token, on_control=self._on_control,
+                                         max_chunk_bytes=config.max_chunk_bytes)
         else:
             self.uplink = FeatureUplink(config.fusion, config.agent_id, self.token, config.tls.files(),
                                         on_control=self._on_control)

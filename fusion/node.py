@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fusion.alignment import AgentView, CorrectionConfig, PoseCorrector, PoseHistory
 from fusion.receive import Contribution, FrameRefused, check_frame, decode_frame, expected_grid
@@ -38,6 +38,7 @@ from protos import (AgentContribution, ContributionStatus, Control, FeatureFrame
                     LinkStats, StageTiming, SubscribeRequest)
 from transport import (AGENT_KEY, TOKEN_KEY, FusionServer, MalformedFrame, TlsFiles, boxes_to_proto, pose_to_proto,
                        start_fusion_server)
+from transport.datagram_link import DatagramServer, parse_address
 from transport.deadline import AgentBuffer, Assembly, ChunkRefused
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class FusionConfig(BaseModel):
     webrtc_listen: str | None = None
     """``host:port`` of the WebRTC signalling server (HTTP) for agents with ``transport: webrtc``
     (port 0: any free port); ``None``: gRPC only."""
+    udp_listen: str | None = None
+    """``host:port`` of the datagram socket for agents with ``transport: udp`` (port 0: any free port);
+    ``None``: none."""
     ego_agent_id: int | None = None
     """The agent whose frame fused boxes are given in (default: the smallest non-negative id present)."""
     max_payload_bytes: int = Field(1_000_000, gt=0)
@@ -114,6 +118,13 @@ class FusionConfig(BaseModel):
     latency_compensation: bool = True
     """Place the fused frame at the ego's pose at the slot's time (interpolated or extrapolated from its pose
     history) when the ego's own frame for the slot is missing, instead of at its last frame's pose."""
+
+    @field_validator("udp_listen")
+    @classmethod
+    def _udp_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value, listen=True)  # ValueError naming the address
+        return value
 
 
 class _RefusedAgain(Exception):
@@ -233,6 +244,8 @@ class FusionNode(FusionServicer):
         self._server: FusionServer | None = None
         self._webrtc = None  # transport.webrtc_link.WebRtcServer when webrtc_listen is set
         self.webrtc_port: int | None = None
+        self._udp = None  # transport.datagram_link.DatagramServer when udp_listen is set
+        self.udp_port: int | None = None
         self._loop_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
         self._receiving: set[asyncio.Task] = set()
@@ -250,6 +263,13 @@ class FusionNode(FusionServicer):
         if token != self.config.tokens[agent_id]:
             return "wrong token", f"wrong token for agent {agent_id}"
         return None
+
+    def _admit_counted(self, agent_id: int, token: str) -> str | None:
+        """For the WebRTC and datagram servers: ``None`` admits, else the refusal (counted)."""
+        problem = self._check_credentials(agent_id, token)
+        if problem is not None:
+            self.refused_streams[problem[0]] = self.refused_streams.get(problem[0], 0) + 1
+        return problem[1] if problem is not None else None
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[int | None, tuple[str, str] | None]:
         """(agent id, None) when the call's credentials are good, else (None, (counter key, message))."""
@@ -318,9 +338,10 @@ class FusionNode(FusionServicer):
             self._left(agent_id)
             log.info("agent %d disconnected", agent_id)
 
-    def _webrtc_chunk(self, agent_id: int, data: bytes, receive_ns: int) -> None:
-        """A chunk from an agent's WebRTC ``features`` channel (on the event loop; parsing is cheap)."""
-        state = self._state(agent_id, "webrtc")
+    def _chunk_received(self, agent_id: int, data: bytes, receive_ns: int, transport: str = "webrtc") -> None:
+        """A chunk from an agent's WebRTC ``features`` channel or datagram link (on the event loop;
+        parsing is cheap)."""
+        state = self._state(agent_id, transport)
         try:
             frame: FeatureFrame | MalformedFrame = FeatureFrame.FromString(data)
         except DecodeError as err:
@@ -329,23 +350,24 @@ class FusionNode(FusionServicer):
         self._receiving.add(task)
         task.add_done_callback(self._receiving.discard)
 
-    def _webrtc_connected(self, agent_id: int) -> None:
-        state = self._state(agent_id, "webrtc")
+    def _chunk_link_up(self, agent_id: int, transport: str = "webrtc") -> None:
+        state = self._state(agent_id, transport)
         state.streams += 1
-        state.send_control = functools.partial(self._webrtc_send, agent_id)
+        state.send_control = functools.partial(self._chunk_link_send, agent_id, transport)
         self._joined(agent_id)
-        log.info("agent %d connected over WebRTC", agent_id)
+        log.info("agent %d connected over %s", agent_id, transport)
         state.send_control(Control(target_frame_rate_hz=self.config.rate_hz))
 
-    def _webrtc_send(self, agent_id: int, control: Control) -> None:
-        if self._webrtc is not None:
-            self._webrtc.send_control(agent_id, control)
+    def _chunk_link_send(self, agent_id: int, transport: str, control: Control) -> None:
+        server = self._webrtc if transport == "webrtc" else self._udp
+        if server is not None:
+            server.send_control(agent_id, control)
 
-    def _webrtc_disconnected(self, agent_id: int) -> None:
+    def _chunk_link_down(self, agent_id: int, transport: str = "webrtc") -> None:
         if agent_id in self.agents:
             self.agents[agent_id].send_control = None
         self._left(agent_id)
-        log.info("agent %d disconnected (WebRTC)", agent_id)
+        log.info("agent %d disconnected (%s)", agent_id, transport)
 
     def _refuse(self, state: AgentState, frame, message: str) -> None:
         state.frames_refused += 1
@@ -782,17 +804,18 @@ class FusionNode(FusionServicer):
         if self.config.webrtc_listen is not None:
             from transport.webrtc_link import WebRtcServer  # aiortc is imported only where WebRTC is used
 
-            def authenticate(agent_id: int, token: str) -> str | None:
-                problem = self._check_credentials(agent_id, token)
-                if problem is not None:
-                    self.refused_streams[problem[0]] = self.refused_streams.get(problem[0], 0) + 1
-                return problem[1] if problem is not None else None
-
-            self._webrtc = WebRtcServer(on_chunk=self._webrtc_chunk, authenticate=authenticate,
-                                        on_connect=self._webrtc_connected, on_disconnect=self._webrtc_disconnected)
+            self._webrtc = WebRtcServer(on_chunk=self._chunk_received, authenticate=self._admit_counted,
+                                        on_connect=self._chunk_link_up, on_disconnect=self._chunk_link_down)
             host, _, port = self.config.webrtc_listen.rpartition(":")
             self.webrtc_port = await self._webrtc.start(host or "0.0.0.0", int(port))
             log.info("WebRTC signalling on port %d", self.webrtc_port)
+        if self.config.udp_listen is not None:
+            self._udp = DatagramServer(on_chunk=functools.partial(self._chunk_received, transport="udp"),
+                                       authenticate=self._admit_counted,
+                                       on_connect=functools.partial(self._chunk_link_up, transport="udp"),
+                                       on_disconnect=functools.partial(self._chunk_link_down, transport="udp"))
+            self.udp_port = await self._udp.start(*parse_address(self.config.udp_listen, listen=True))
+            log.info("datagrams on UDP port %d", self.udp_port)
         self._loop_task = asyncio.create_task(self.run())
         self._report_task = asyncio.create_task(self._report_links())
         await self._server.set_serving(True)
@@ -810,6 +833,8 @@ class FusionNode(FusionServicer):
                 await asyncio.gather(task, return_exceptions=True)
         if self._webrtc is not None:
             await self._webrtc.stop()
+        if self._udp is not None:
+            await self._udp.stop()
         if self._server is not None:
             await self._server.stop(0.5)
         self._torch_thread.shutdown(wait=False)
@@ -817,6 +842,7 @@ class FusionNode(FusionServicer):
     def counters(self) -> dict:
         return {"ticks": self.ticks, "fuse_errors": self.fuse_errors, "precision": self.precision, "refused_streams": dict(self.refused_streams),
                 "subscriber_drops": self.subscriber_drops,
+                **({"datagrams": self._udp.stats()} if self._udp is not None else {}),
                 "pose_correction": {str(a): c.as_dict() for a, c in sorted(self.corrector.counters.items())},
                 "agents": {str(a): s.counters() for a, s in sorted(self.agents.items())}}
 

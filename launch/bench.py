@@ -154,8 +154,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="scale: seconds of streaming per agent count")
     parser.add_argument("--fusion-threads", type=int, default=2, help="scale: torch threads of the fusion node")
     parser.add_argument("--losses", default="0,10,20,30,40", help="loss: packet loss percentages, comma-separated")
-    parser.add_argument("--modes", default="substitution,no_substitution,grpc_tcp",
+    parser.add_argument("--modes", default="substitution,no_substitution,grpc_tcp,datagram",
                         help="loss: modes to run, comma-separated")
+    parser.add_argument("--rate-hz", type=float, default=10.0,
+                        help="loss: sensor rate (frames per second per agent; lower it on a machine too slow for 10)")
     parser.add_argument("--caps", default="2mbit",
                         help="loss: per-agent bandwidth caps (tc rates, e.g. 2mbit,300kbit) run with rate control "
                              "on and off; empty for none")

@@ -319,12 +319,12 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     try:
         address = fusion_cfg.get("listen", FusionConfig().listen)
         fusion = None
-        webrtc_port = None
+        webrtc_port = udp_port = None
         if config.fusion is not None:
             fusion = await Child.spawn("fusion", "fusion", fusion_cfg, run_dir)
             children.append(fusion)
             ready = await _ready_or_stop(fusion, stop)
-            webrtc_port = ready.get("webrtc_port")
+            webrtc_port, udp_port = ready.get("webrtc_port"), ready.get("udp_port")
             address = f"{address.rsplit(':', 1)[0]}:{ready['port']}"
             await wait_serving(address.replace("0.0.0.0:", "127.0.0.1:"))
         agents: list[Child] = []
@@ -338,6 +338,11 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
                     raise ValueError(f"agent {agent_id} uses transport webrtc but the fusion node has no "
                                      "webrtc_listen (set fusion.webrtc_listen, e.g. 0.0.0.0:0)")
                 agent_cfg["webrtc"] = f"http://{host}:{webrtc_port}"
+            if agent_cfg.get("transport") == "udp" and "udp" not in entry:
+                if udp_port is None:
+                    raise ValueError(f"agent {agent_id} uses transport udp but the fusion node has no "
+                                     "udp_listen (set fusion.udp_listen, e.g. 0.0.0.0:0)")
+                agent_cfg["udp"] = f"{host}:{udp_port}"
             if tokens and "token" not in entry:
                 agent_cfg["token"] = tokens.get(agent_id, "")
             if frames is not None:

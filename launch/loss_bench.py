@@ -14,6 +14,8 @@ Modes:
 - ``no_substitution``: the same link; what did not arrive is left out (missing = ego only).
 - ``grpc_tcp``: gRPC over TCP on the same impaired link (retransmission; no loss reaches the
   receiver, delay does).
+- ``datagram``: the same chunks as ``substitution`` in plain UDP datagrams (``transport.datagram_link``:
+  sequence numbers and send times, no retransmission, no congestion control), with substitution.
 
 Per setting (medians over ``--repeats`` runs, every run kept under ``trials``): AP@0.5/0.7 of the fused frames against the world's ground truth; ``latency_ms`` capture
 to fused output (p50, p99); ``remote_age_ms`` the age at fusion of the newest evidence used from
@@ -43,26 +45,30 @@ from launch.world_cmd import world_config
 from transport.impair import NetnsTopology, impairment_unavailable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODES = ("substitution", "no_substitution", "grpc_tcp")
+MODES = ("substitution", "no_substitution", "grpc_tcp", "datagram")
+TRANSPORTS = {"substitution": "webrtc", "no_substitution": "webrtc", "grpc_tcp": "grpc", "datagram": "udp"}
 RUN_TIMEOUT_S = 300
 
 
 def _launch_config(args: argparse.Namespace, world: dict, net: NetnsTopology, ego: int, remotes: list[int],
                    mode: str, rate_control: bool) -> dict:
-    webrtc = mode != "grpc_tcp"
+    transport = TRANSPORTS[mode]
     fusion = {"listen": "0.0.0.0:0", "detector": "models/checkpoints/mobiledet_tiny.pt",
               "codec": "models/checkpoints/codec_mobiledet_tiny.pt", "deadline_ms": args.deadline_ms,
               "max_age_ms": args.max_age_ms, "threads": 1, "precision": "auto",
               "substitute": mode != "no_substitution"}
-    if webrtc:
+    if transport == "webrtc":
         fusion["webrtc_listen"] = "0.0.0.0:0"
+    if transport == "udp":
+        fusion["udp_listen"] = "0.0.0.0:0"
     agent = {"detector": "models/checkpoints/mobiledet_tiny.pt", "codec": "models/checkpoints/codec_mobiledet_tiny.pt",
              "rate_level": args.rate_level, "threads": 1, "precision": "auto",
-             "transport": "webrtc" if webrtc else "grpc", "rate_control": {"enabled": rate_control}}
+             "transport": transport, "rate_control": {"enabled": rate_control}}
     # The ego's agent runs beside the fusion node in the same vehicle: a local gRPC link in every mode.
     agents = [{"agent_id": ego, "transport": "grpc", "rate_control": {"enabled": False}, "rate_level": args.rate_level},
               *({"agent_id": a} for a in remotes)]
-    return {"world": world, "rate_hz": 10, "agent_niceness": 5, "fusion": fusion, "agent_defaults": agent,
+    return {"world": world, "rate_hz": getattr(args, "rate_hz", 10.0), "agent_niceness": 5, "fusion": fusion,
+            "agent_defaults": agent,
             "agents": agents, "agent_netns": {str(a): net.remote(k) for k, a in enumerate(remotes)},
             "agent_fusion_host": {str(ego): net.hub_address(0),
                                   **{str(a): net.hub_address(k) for k, a in enumerate(remotes)}}}
@@ -210,7 +216,8 @@ def bench_loss(args: argparse.Namespace) -> dict:
             for loss in losses for mode in modes]
     cap_runs = [{"cap": cap, "rate_control": rc, **_median(trials[("cap", cap, rc)])}
                 for cap in caps for rc in (True, False)]
-    out = {"world": {**world_json, "ego": ego, "remotes": remotes}, "deadline_ms": args.deadline_ms,
+    out = {"world": {**world_json, "ego": ego, "remotes": remotes}, "rate_hz": args.rate_hz,
+           "deadline_ms": args.deadline_ms,
            "max_age_ms": args.max_age_ms, "runs": runs, "cap_runs": cap_runs}
     if args.plot is not None:
         _plot(out, args.plot)

@@ -41,7 +41,8 @@ async def run_fusion(config: FusionConfig, report: Path | None, handshake: bool)
     _on_signals(asyncio.get_running_loop(), stop.set)
     server = await node.start()
     if handshake:
-        _announce({"event": "ready", "role": "fusion", "port": server.port, "webrtc_port": node.webrtc_port})
+        _announce({"event": "ready", "role": "fusion", "port": server.port, "webrtc_port": node.webrtc_port,
+                   "udp_port": node.udp_port})
     await stop.wait()
     await node.stop()
     write_report(report, node.counters())

@@ -1,5 +1,5 @@
-"""Transport: framing and chunking of ``cp.v1`` messages, the gRPC and WebRTC links between agents and the
-fusion node, the receive-side deadline buffer, sender rate control and network impairment for tests."""
+"""Transport: framing and chunking of ``cp.v1`` messages, the gRPC, WebRTC and datagram (UDP) links between
+agents and the fusion node, the receive-side deadline buffer, sender rate control and network impairment for tests."""
 
 from transport.framing import (RAW_CODEC_ID, FramingError, GridSpec, boxes_from_proto, boxes_to_proto, feature_frame,
                                grid_from_proto, pose_from_proto, pose_to_proto, split_frame)
@@ -15,8 +15,10 @@ __all__ = ["AGENT_KEY", "CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "RAW_CODEC_ID", 
            "start_fusion_server", "subscribe", "wait_serving"]
 
 _WEBRTC = ("WebRtcServer", "WebRtcUplink", "WebRtcUplinkCounters")
-__all__ += [*_WEBRTC, "AgentBuffer", "ChunkRefused", "RateConfig", "RateController"]
+__all__ += [*_WEBRTC, "AgentBuffer", "ChunkRefused", "DatagramServer", "DatagramUplink", "RateConfig",
+            "RateController"]
 
+from transport.datagram_link import DatagramServer, DatagramUplink  # noqa: E402
 from transport.deadline import AgentBuffer, ChunkRefused  # noqa: E402
 from transport.rate import RateConfig, RateController  # noqa: E402
 
