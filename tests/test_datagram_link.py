@@ -170,6 +170,7 @@ async def test_frames_and_controls_cross_and_bad_datagrams_are_refused_by_reason
         await server.stop()
         relay.close()
     assert collector.disconnected == [7]  # the agent said goodbye
+    assert server.stats()["peers"]["7"]["received"] >= len(collector.chunks)  # its session's counts are kept
 
 
 async def test_a_wrong_token_ends_the_uplink_with_the_reason() -> None:

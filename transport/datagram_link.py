@@ -362,6 +362,7 @@ class DatagramServer:
         self._reaper: asyncio.Task | None = None
         self.refused: dict[str, int] = {}
         self.datagrams_received = 0
+        self._ended: dict[int, tuple[int, int]] = {}  # agent -> (received, lost) of its ended sessions
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 picks a free port); returns the bound port."""
@@ -384,9 +385,13 @@ class DatagramServer:
         return set(self._peers)
 
     def stats(self) -> dict:
+        """Datagrams received, refused by reason, and per agent (every session so far) received and lost."""
+        totals = dict(self._ended)
+        for agent_id, peer in self._peers.items():
+            received, lost = totals.get(agent_id, (0, 0))
+            totals[agent_id] = (received + peer.window.received, lost + peer.window.lost)
         return {"datagrams_received": self.datagrams_received, "refused": dict(self.refused),
-                "peers": {str(a): {"received": p.window.received, "lost": p.window.lost}
-                          for a, p in sorted(self._peers.items())}}
+                "peers": {str(a): {"received": r, "lost": n} for a, (r, n) in sorted(totals.items())}}
 
     async def stop(self) -> None:
         if self._reaper is not None:
@@ -460,7 +465,12 @@ class DatagramServer:
             self._on_connect(datagram.agent_id)
 
     def _drop(self, agent_id: int) -> None:
-        if self._peers.pop(agent_id, None) is not None and self._on_disconnect is not None:
+        peer = self._peers.pop(agent_id, None)
+        if peer is None:
+            return
+        received, lost = self._ended.get(agent_id, (0, 0))
+        self._ended[agent_id] = (received + peer.window.received, lost + peer.window.lost)
+        if self._on_disconnect is not None:
             self._on_disconnect(agent_id)
 
     async def _reap(self) -> None:
