@@ -161,6 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--caps", default="2mbit",
                         help="loss: per-agent bandwidth caps (tc rates, e.g. 2mbit,300kbit) run with rate control "
                              "on and off; empty for none")
+    parser.add_argument("--cap-mode", choices=("substitution", "datagram"), default="substitution",
+                        help="loss: the link of the cap runs (WebRTC data channel or UDP datagrams)")
     parser.add_argument("--cap-fixed-level", type=int, default=4,
                         help="loss: codec rate level of the senders when rate control is off under a cap")
     parser.add_argument("--rate-level", type=int, default=0, help="loss: codec rate level without rate control")

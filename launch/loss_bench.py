@@ -22,7 +22,7 @@ to fused output (p50, p99); ``remote_age_ms`` the age at fusion of the newest ev
 the remote agents (p50, p99: how stale the other vehicles' view is); ``substituted_share`` the
 share of the remote agents' tiles that were substituted; the real drop share from the nftables
 counters. ``--caps`` adds runs under a per-agent bandwidth cap (``tc tbf``), with the senders'
-rate control on and off.
+rate control on and off, over the link ``--cap-mode`` names.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def bench_loss(args: argparse.Namespace) -> dict:
                     name = f"cap-{cap}-{'adaptive' if rate_control else 'fixed'}-{repeat}"
                     console.print(f"[bold]cap {cap} per agent[/bold], rate control {'on' if rate_control else 'off'} "
                                   f"(run {repeat + 1}/{repeats}) ...", highlight=False)
-                    cfg = _launch_config(args, world_json, net, ego, remotes, "substitution", rate_control)
+                    cfg = _launch_config(args, world_json, net, ego, remotes, args.cap_mode, rate_control)
                     if not rate_control:
                         cfg["agent_defaults"]["rate_level"] = args.cap_fixed_level
                     r = _summarise(_run(cfg, net, 0.0, cap, work, name), remotes)
@@ -217,7 +217,7 @@ def bench_loss(args: argparse.Namespace) -> dict:
     cap_runs = [{"cap": cap, "rate_control": rc, **_median(trials[("cap", cap, rc)])}
                 for cap in caps for rc in (True, False)]
     out = {"world": {**world_json, "ego": ego, "remotes": remotes}, "rate_hz": args.rate_hz,
-           "deadline_ms": args.deadline_ms,
+           "deadline_ms": args.deadline_ms, "cap_mode": args.cap_mode,
            "max_age_ms": args.max_age_ms, "runs": runs, "cap_runs": cap_runs}
     if args.plot is not None:
         _plot(out, args.plot)
