@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from protos import Control, FeatureFrame
-from transport.datagram_link import FEATURE, Datagram, DatagramServer, DatagramUplink, parse_address
+from transport.datagram_link import (FEATURE, Datagram, DatagramServer, DatagramUplink, DatagramUplinkCounters,
+                                     parse_address)
 from transport.deadline import AgentBuffer
-from transport.framing import GridSpec, feature_frame, split_frame
+from transport.framing import GridSpec, LatestChunks, feature_frame, split_frame
 from transport.grpc_link import LinkError
 
 TOKEN = "secret"
@@ -252,3 +253,27 @@ def test_addresses_are_checked() -> None:
             parse_address(bad)
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         DatagramUplink("nowhere", 7)
+
+
+def test_the_senders_keep_only_the_newest_frame_and_count_what_they_dropped() -> None:
+    counters = DatagramUplinkCounters()
+    pending = LatestChunks(1100, counters)
+    rng = np.random.default_rng(3)
+    a, b, c = (_frame(s, rng) for s in range(3))
+    pending.offer(a)
+    pending.offer(b)  # a was never taken up
+    assert (counters.offered, counters.dropped_stale) == (2, 1)
+    first = pending.peek()
+    assert first.sequence == 1 and first.chunk_index == 0 and pending.peek() is first
+    pending.sent()
+    assert (counters.sent, counters.chunks_sent) == (1, 1)
+    pending.offer(c)  # b's unsent chunks would arrive stale: dropped, b itself counts as sent
+    assert (counters.dropped_stale, counters.chunks_dropped_stale) == (1, len(split_frame(b)) - 1)
+    sequences = []
+    while (chunk := pending.peek()) is not None:
+        sequences.append(chunk.sequence)
+        pending.sent()
+    assert sequences == [2] * len(split_frame(c)) and pending.idle
+    assert (counters.sent, counters.chunks_sent) == (2, 1 + len(split_frame(c)))
+    with pytest.raises(ValueError, match="too small for a chunk header"):
+        LatestChunks(100, counters)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from protos import Control, FeatureFrame
-from transport.framing import FramingError, split_frame
+from transport.framing import LatestChunks
 from transport.grpc_link import LinkError, UplinkCounters
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ MAGIC = b"CPD1"
 HEADER = struct.Struct("!4sBBiQIQ")
 HELLO, WELCOME, REFUSED, FEATURE, CONTROL, BYE = 1, 2, 3, 4, 5, 6
 KINDS = {HELLO: "hello", WELCOME: "welcome", REFUSED: "refused", FEATURE: "feature", CONTROL: "control", BYE: "bye"}
-MAX_DATAGRAM_BYTES = 65_000
-"""Largest datagram either end sends or takes (a Control is far smaller; features are chunked)."""
 KEEPALIVE_S = 1.0
 HELLO_RETRY_S = 0.25
 TIMEOUT_S = 5.0
@@ -135,10 +133,6 @@ class _SequenceWindow:
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes, tuple, int], None]) -> None:
         self._on_datagram = on_datagram
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
         self._on_datagram(data, addr, time.time_ns())
@@ -179,9 +173,7 @@ class DatagramUplink:
     counters: DatagramUplinkCounters = field(default_factory=DatagramUplinkCounters)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
-    _slot: FeatureFrame | None = None
-    _chunks: deque[FeatureFrame] = field(default_factory=deque)
-    _frame_started: bool = False
+    _pending: LatestChunks = field(init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
     _session: int = 0
@@ -192,22 +184,16 @@ class DatagramUplink:
     _transport: asyncio.DatagramTransport | None = None
 
     def __post_init__(self) -> None:
-        if self.max_chunk_bytes < 200:
-            raise FramingError(f"max_chunk_bytes {self.max_chunk_bytes} is too small for a chunk header (>= 200)")
+        self._pending = LatestChunks(self.max_chunk_bytes, self.counters)
         parse_address(self.address)
 
     def offer(self, frame: FeatureFrame) -> None:
-        self.counters.offered += 1
-        if self._slot is not None or (self._chunks and not self._frame_started):
-            self.counters.dropped_stale += 1
-        self.counters.chunks_dropped_stale += len(self._chunks)
-        self._chunks.clear()
-        self._slot = frame
+        self._pending.offer(frame)
         self._ready.set()
 
     @property
     def idle(self) -> bool:
-        return self._slot is None and not self._chunks
+        return self._pending.idle
 
     def close(self) -> None:
         self._closed = True
@@ -294,20 +280,13 @@ class DatagramUplink:
             if self.on_control is not None:
                 self.on_control(control)
 
-    def _next_chunk(self) -> FeatureFrame | None:
-        if not self._chunks and self._slot is not None:
-            frame, self._slot = self._slot, None
-            self._chunks.extend(split_frame(frame, self.max_chunk_bytes))
-            self._frame_started = False
-        return self._chunks[0] if self._chunks else None
-
     async def _stream(self) -> None:
         """Send each chunk as it comes while connected: all of a frame at once, unless the socket is full."""
         waiting = False
         while True:
             if self._closed and (self.idle or not self.connected.is_set() or self._refusal is not None):
                 return  # closing: what is in hand goes out first, if it can
-            chunk = self._next_chunk() if self.connected.is_set() else None
+            chunk = self._pending.peek() if self.connected.is_set() else None
             if chunk is None:
                 self._ready.clear()
                 await self._ready.wait()
@@ -320,13 +299,9 @@ class DatagramUplink:
                 await asyncio.sleep(ROOM_POLL_S)
                 continue
             waiting = False
-            self._chunks.popleft()
             chunk.send_time_ns = time.time_ns()
             self.counters.bytes_sent += self._send(FEATURE, chunk.SerializeToString())
-            if not self._frame_started:
-                self._frame_started = True
-                self.counters.sent += 1
-            self.counters.chunks_sent += 1
+            self._pending.sent()
 
 
 @dataclass(slots=True)

@@ -10,8 +10,9 @@ anything with ``index``, ``payload``, ``crc32`` and ``relevance`` attributes
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +28,16 @@ CLASS_TO_LABEL = {v: k for k, v in LABEL_TO_CLASS.items()}
 
 class FramingError(ValueError):
     """A message that cannot be turned back into arrays (the message names the field)."""
+
+
+class ChunkCounters(Protocol):
+    """What :class:`LatestChunks` counts, on a chunked uplink's counters."""
+
+    offered: int
+    sent: int
+    dropped_stale: int
+    chunks_sent: int
+    chunks_dropped_stale: int
 
 
 class TileLike(Protocol):
@@ -201,3 +212,53 @@ def split_frame(frame: FeatureFrame, max_chunk_bytes: int = 1100) -> list[Featur
         chunk.chunk_index = index
         chunk.chunk_count = len(chunks)
     return chunks
+
+
+@dataclass(slots=True)
+class LatestChunks:
+    """What a chunked uplink has yet to send: the newest frame, split into chunks when it is taken up.
+
+    Latest wins: :meth:`offer` replaces a frame not yet taken up, and whatever is left unsent of the
+    frame being sent (its chunks would only arrive stale). Counted in ``counters`` (an uplink's
+    ``offered``, ``dropped_stale``: frames replaced before any chunk left, ``chunks_dropped_stale``,
+    ``sent``: frames of which a chunk left, ``chunks_sent``).
+    """
+
+    max_chunk_bytes: int
+    counters: ChunkCounters
+    _slot: FeatureFrame | None = None
+    _chunks: deque[FeatureFrame] = field(default_factory=deque)
+    _frame_started: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_chunk_bytes < 200:
+            raise FramingError(f"max_chunk_bytes {self.max_chunk_bytes} is too small for a chunk header (>= 200)")
+
+    def offer(self, frame: FeatureFrame) -> None:
+        self.counters.offered += 1
+        if self._slot is not None or (self._chunks and not self._frame_started):
+            self.counters.dropped_stale += 1
+        self.counters.chunks_dropped_stale += len(self._chunks)
+        self._chunks.clear()
+        self._slot = frame
+
+    @property
+    def idle(self) -> bool:
+        """``True`` when no frame or chunk is waiting to be sent."""
+        return self._slot is None and not self._chunks
+
+    def peek(self) -> FeatureFrame | None:
+        """The next chunk to send (taking up the waiting frame if no chunk is left), or ``None``."""
+        if not self._chunks and self._slot is not None:
+            frame, self._slot = self._slot, None
+            self._chunks.extend(split_frame(frame, self.max_chunk_bytes))
+            self._frame_started = False
+        return self._chunks[0] if self._chunks else None
+
+    def sent(self) -> None:
+        """The chunk :meth:`peek` returned has left."""
+        self._chunks.popleft()
+        if not self._frame_started:
+            self._frame_started = True
+            self.counters.sent += 1
+        self.counters.chunks_sent += 1

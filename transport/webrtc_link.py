@@ -44,7 +44,6 @@ import logging
 import random
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,7 +54,7 @@ from aiortc.exceptions import InvalidAccessError, InvalidStateError
 from google.protobuf.message import DecodeError
 
 from protos import Control, FeatureFrame
-from transport.framing import FramingError, split_frame
+from transport.framing import LatestChunks
 from transport.grpc_link import LinkError, UplinkCounters
 
 log = logging.getLogger(__name__)
@@ -142,9 +141,7 @@ class WebRtcUplink:
     """Set while the data channels to the fusion node are open."""
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when an open connection broke (cleared again on reconnecting)."""
-    _slot: FeatureFrame | None = None
-    _chunks: deque[FeatureFrame] = field(default_factory=deque)
-    _frame_started: bool = False
+    _pending: LatestChunks = field(init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
     _close_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -152,22 +149,16 @@ class WebRtcUplink:
     _close_deadline: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_chunk_bytes < 200:
-            raise FramingError(f"max_chunk_bytes {self.max_chunk_bytes} is too small for a chunk header (>= 200)")
+        self._pending = LatestChunks(self.max_chunk_bytes, self.counters)
 
     def offer(self, frame: FeatureFrame) -> None:
-        self.counters.offered += 1
-        if self._slot is not None or (self._chunks and not self._frame_started):
-            self.counters.dropped_stale += 1
-        self.counters.chunks_dropped_stale += len(self._chunks)
-        self._chunks.clear()
-        self._slot = frame
+        self._pending.offer(frame)
         self._ready.set()
 
     @property
     def idle(self) -> bool:
         """``True`` when no frame or chunk is waiting to be handed to SCTP."""
-        return self._slot is None and not self._chunks
+        return self._pending.idle
 
     def close(self) -> None:
         """Finish: the link closes once the chunks in hand have gone to SCTP (giving up after 0.5 s)."""
@@ -294,19 +285,12 @@ class WebRtcUplink:
             raise ConnectionError("data channels did not open" + (" (connection failed)" if done else
                                                                   f" within {CONNECT_TIMEOUT_S:.0f} s"))
 
-    def _next_chunk(self) -> FeatureFrame | None:
-        if not self._chunks and self._slot is not None:
-            frame, self._slot = self._slot, None
-            self._chunks.extend(split_frame(frame, self.max_chunk_bytes))
-            self._frame_started = False
-        return self._chunks[0] if self._chunks else None
-
     async def _stream(self, channel: RTCDataChannel, lost: asyncio.Event) -> None:
         """Hand chunks to SCTP as it takes them without queueing, until closed or lost."""
         floor_bytes = self.sctp_cwnd_floor_packets * SCTP_PACKET_BYTES
         waiting = False
         while not lost.is_set() and channel.readyState == "open":
-            chunk = self._next_chunk()
+            chunk = self._pending.peek()
             if chunk is None:
                 if self._closed:
                     return
@@ -321,14 +305,10 @@ class WebRtcUplink:
                 await asyncio.sleep(ROOM_POLL_S)  # polling: aiortc signals no "window opened" event
                 continue
             waiting = False
-            self._chunks.popleft()
             chunk.send_time_ns = time.time_ns()
             data = chunk.SerializeToString()
             channel.send(data)
-            if not self._frame_started:
-                self._frame_started = True
-                self.counters.sent += 1
-            self.counters.chunks_sent += 1
+            self._pending.sent()
             self.counters.bytes_sent += len(data)
             await asyncio.sleep(0)  # let aiortc put it on the wire before looking for room again
 
