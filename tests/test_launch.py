@@ -143,3 +143,35 @@ def test_replay_refuses_a_rate_for_a_recording(tmp_path: Path, capsys) -> None:
 
     assert main(["replay", str(tmp_path / "session.mcap"), "--rate-hz", "2"]) == 2
     assert "--rate-hz is for a scenario folder" in capsys.readouterr().err
+
+
+def test_ground_truth_is_cached_with_the_rendered_world(tmp_path: Path, monkeypatch) -> None:
+    """The second launch of a world reads its ground truth back instead of placing it again."""
+    import numpy as np
+
+    from agents import WorldConfig
+    from launch import launcher
+    from models.detector import DetectorConfig
+
+    config = launcher.LaunchConfig.model_validate(
+        {"world": WorldConfig(seed=3, agents=2, frames=3, camera={"count": 0}).model_dump(),
+         "cache_dir": str(tmp_path / "worlds")})
+    folder = launcher.world_folder(config)
+    detector = DetectorConfig()
+    first = launcher.ground_truth(folder, None, 3, detector, cache=folder.parent)
+    assert len(list(folder.parent.glob("ground-truth-*.npz"))) == 1
+
+    def placed_again(*args):
+        raise AssertionError("placed again")
+
+    monkeypatch.setattr(launcher, "coop_sample", placed_again)
+    again = launcher.ground_truth(folder, None, 2, detector, cache=folder.parent)
+    assert len(again.boxes) == 2
+    for k in range(2):
+        assert np.array_equal(again.boxes[k], first.boxes[k])
+        assert np.array_equal(again.world_from_ego[k], first.world_from_ego[k])
+    other = detector.model_copy(update={"grid": detector.grid.model_copy(update={"cell_size_m": 0.4})})
+    with pytest.raises(AssertionError, match="placed again"):  # another grid: another cache entry
+        launcher.ground_truth(folder, None, 2, other, cache=folder.parent)
+    with pytest.raises(AssertionError, match="placed again"):  # more frames than were cached
+        launcher.ground_truth(folder, None, 3 + 1, detector, cache=folder.parent)
