@@ -37,6 +37,7 @@ from models.codec import CodedTile, FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, Precision, load_checkpoint
 from models.geometry import invert_se3, transform_boxes, transform_points
+from models.scan import ScanConfig, pack_scan, thin_scan
 from protos import Control, FeatureDtype, FeatureFrame
 from transport import (RAW_CODEC_ID, FeatureUplink, FramingError, GridSpec, LinkError, TlsFiles, feature_frame,
                        pose_from_proto)
@@ -164,6 +165,25 @@ class AgentNodeConfig(BaseModel):
     it costs about 20 ms per frame; worth it when the reported pose is noisy)."""
     pose_correction: PoseCorrectionConfig = PoseCorrectionConfig()
     """Whether (and how far) to follow the fusion node's pose corrections."""
+    registration_scan: ScanConfig = ScanConfig()
+    """A thinned copy of the sweep sent every few frames, which the fusion node matches onto the ego's to
+    correct this agent's relative pose (off by default: about 4 KB per scan; worth it when poses are noisy)."""
+
+
+SCAN_BUDGET_SHARE = 0.1
+"""Under rate control, a registration scan may take this share of the frame budget of the frames it stands
+for (it goes with one frame in ``every_frames``); the blocks beyond it (whole sectors) are left out."""
+
+
+def _within(blocks: list[bytes], budget_bytes: int) -> list[bytes]:
+    """The first of ``blocks`` whose bytes add up to at most ``budget_bytes``."""
+    kept, used = [], 0
+    for block in blocks:
+        used += len(block)
+        if used > budget_bytes:
+            break
+        kept.append(block)
+    return kept
 
 
 class FrameSource:
@@ -317,6 +337,7 @@ class AgentNode:
         common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
                   "world_from_agent": world_from_bev, "grid": self.grid, "detections": detections[:, :9],
                   "pose_covariance": agent.pose_covariance, "pose_correction_sequence": correction,
+                  "scan_blocks": self._scan(index, points),
                   **self._odometry(agent, bev_from_ground, detections)}
         if self.codec is None:
             dtype = np.float16 if self.config.raw_dtype == "float16" else np.float32
@@ -329,12 +350,22 @@ class AgentNode:
             budget = self.rate.frame_budget_bytes
             keep = max(0, int(0.15 * budget) // BOX_WIRE_BYTES)
             common["detections"] = detections[np.argsort(-detections[:, 7], kind="stable")[:keep], :9]
+            common["scan_blocks"] = _within(common["scan_blocks"], int(SCAN_BUDGET_SHARE * budget
+                                                                      * self.config.registration_scan.every_frames))
             coded = self.codec.encode_within(features, max(0, int(0.75 * budget)), relevance=relevance)
             self.counters.rate_level = coded.level
         else:
             coded = self.codec.encode(features, self.counters.rate_level, relevance=relevance)
         return feature_frame(codec_id=self.codec.codec_id, rate_level=coded.level, tiles=coded.tiles,
                              tile_count=self.codec.tile_count(coded.feature_shape), **common)
+
+    def _scan(self, index: int, points_bev: np.ndarray) -> list[bytes]:
+        """This frame's registration scan (BEV frame, packed), on every ``every_frames``-th frame when enabled.
+        Frames are numbered on the shared sensor clock, so every agent's scans fall on the same frames."""
+        config = self.config.registration_scan
+        if not config.enabled or index % config.every_frames:
+            return []
+        return pack_scan(thin_scan(points_bev, config), config)
 
     def _odometry(self, agent: AgentFrame, bev_from_ground: np.ndarray, detections: np.ndarray) -> dict:
         """``odom_from_agent`` (the BEV frame in the odometry frame) and its step covariance, if enabled;

@@ -1,12 +1,15 @@
-"""Online pose correction: agents' object lists registered against each other.
+"""Online pose correction: agents' object lists and registration scans registered against each other.
 
 Agents do not know exactly where they are. Every frame carries the agent's own
 detections, so the fusion node can see where the objects two agents both detect
 disagree and move the agent until they agree: a RANSAC fit of a planar rigid
 motion (x, y, heading) to matched box centres, refined by least squares over the
-inliers. The fit is then weighed against the pose the agent reported, with both
-covariances (a Kalman-style update), so that a pose the agent knows well is
-barely moved and an uncertain fit is not applied at all.
+inliers. Every few frames an agent also sends a thinned copy of its sweep
+(:mod:`models.scan`), which is matched onto the reference's by ICP: the walls and
+vehicles both see fix the relative pose to centimetres, where boxes seen from
+different sides agree only to about half a metre. Each fit is then weighed against
+the pose the agent reported, with both covariances (a Kalman-style update), so that
+a pose the agent knows well is barely moved and an uncertain fit is not applied at all.
 
 All maths here is pure and planar; the stateful :class:`PoseCorrector` keeps a
 sliding window of each agent's corrections, whose steady part (a mount or
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.geometry import invert_se3, transform_boxes, wrap_angle_rad
+from models.geometry import invert_se3, planar, transform_boxes, transform_points, wrap_angle_rad
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,25 @@ class CorrectionConfig(BaseModel):
     """Applied corrections needed in the window before a steady error is sent back to the agent."""
     feedback_min_shift_m: float = Field(0.1, ge=0.0)
     feedback_min_turn_deg: float = Field(0.1, ge=0.0)
+    scans: bool = True
+    """Match agents' registration scans (when their frames carry one) onto the reference's."""
+    scan_correspondence_m: tuple[float, ...] = (2.0, 1.0, 0.5)
+    """ICP stages, coarse to fine: the farthest a scan point may be from its match in each."""
+    scan_min_matches: int = Field(60, ge=10)
+    """Matched points the last stage needs before its fit is used."""
+    scan_min_fitness: float = Field(0.03, ge=0.0, le=1.0)
+    """Share of the agent's scan points that must find a match in the last stage."""
+    scan_sigma_m: float = Field(0.05, gt=0.0)
+    """Least error assumed for one point-to-plane distance (voxels, quantisation, different viewpoints)."""
+    scan_probe_m: float = Field(1.0, gt=0.0)
+    """The fit is checked by starting ICP this far away along its least-constrained direction (both ways)."""
+    scan_probe_anisotropy: float = Field(4.0, ge=1.0)
+    """Probed only when the fit's variance one way is this many times the other's (walls mostly one way)."""
+    scan_probe_tolerance_m: float = Field(0.05, gt=0.0)
+    """Where those probes settle farther than this from the fit, the spread is added to its variance that way."""
+    scan_effective_points: int = Field(50, ge=1)
+    """The fit's covariance counts the matches as at most this many independent ones (neighbouring
+    points on one wall err alike)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +280,85 @@ def _registration(ref_xy: np.ndarray, agent_xy: np.ndarray, rotation: np.ndarray
     return Registration(delta=delta, covariance=cov, matches=n, rms_m=rms)
 
 
+def scan_cloud(points: np.ndarray, normals_radius_m: float = 3.0):
+    """``[M, 3]`` scan points -> an open3d point cloud with normals (what :func:`register_scans` matches onto)."""
+    import open3d as o3d  # only where scans are matched
+
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64).reshape(-1, 3)))
+    cloud.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=normals_radius_m, max_nn=20))
+    return cloud
+
+
+def register_scans(reference, agent_points: np.ndarray, ref_from_agent: np.ndarray,
+                   config: CorrectionConfig) -> Registration | None:
+    """Match an agent's registration scan onto the reference's (point-to-plane ICP with a Tukey loss, coarse
+    to fine, planar).
+
+    Args:
+        reference: the reference's scan as :func:`scan_cloud` made it (reference frame, with normals).
+        agent_points: ``[M, 3]`` the agent's scan in its own frame.
+        ref_from_agent: ``[4, 4]`` where the agent is believed to be (the ICP starts there).
+        config: ``scan_*`` settings.
+
+    Returns:
+        The correction of ``ref_from_agent`` (turn about the agent's origin, then shift; see
+        :class:`Registration`) with its covariance, or None when the last stage matched fewer than
+        ``scan_min_matches`` points or ``scan_min_fitness`` of them. The covariance is the
+        point-to-plane fit's (horizontal parts of the normals: a wall fixes the agent across it, not
+        along it), with the matches counted as at most ``scan_effective_points`` independent ones.
+    """
+    import open3d as o3d
+
+    registration = o3d.pipelines.registration
+    source = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(agent_points, dtype=np.float64)))
+    if len(source.points) < config.scan_min_matches or len(reference.points) < config.scan_min_matches:
+        return None
+
+    def icp(start: np.ndarray, stages: tuple[float, ...]):
+        estimate, result = planar(start), None
+        for distance in stages:  # a robust loss: points the other agent cannot see do not pull
+            estimation = registration.TransformationEstimationPointToPlane(registration.TukeyLoss(k=distance / 2))
+            result = registration.registration_icp(source, reference, distance, estimate, estimation,
+                                                   registration.ICPConvergenceCriteria(max_iteration=20))
+            estimate = planar(np.asarray(result.transformation))  # BEV frames have no tilt
+        return estimate, result
+
+    estimate, result = icp(ref_from_agent, config.scan_correspondence_m)
+    matches = np.asarray(result.correspondence_set)
+    if len(matches) < config.scan_min_matches or result.fitness < config.scan_min_fitness:
+        return None
+    moved = transform_points(estimate, np.asarray(source.points)[matches[:, 0]])  # [K, 3] reference frame
+    target = np.asarray(reference.points)[matches[:, 1]]
+    normals = np.asarray(reference.normals)[matches[:, 1]]
+    residual = np.sum((moved - target) * normals, axis=1)  # [K] point-to-plane distances
+    origin = estimate[:2, 3]
+    # d(residual)/d(shift) = n_xy, d(residual)/d(turn about the origin) = n_xy . J (p - origin)
+    jacobian = np.concatenate([normals[:, :2], np.sum(normals[:, :2] * ((moved[:, :2] - origin) @ _J.T), axis=1,
+                                                      keepdims=True)], axis=1)  # [K, 3]
+    sigma = max(float(np.sqrt(np.mean(residual ** 2))), config.scan_sigma_m)
+    information = jacobian.T @ jacobian / sigma ** 2 * min(1.0, config.scan_effective_points / len(matches))
+    # Walls all one way fix nothing along them: a tiny prior keeps that direction's variance huge, not infinite.
+    covariance = np.linalg.inv(information + 1e-6 * np.eye(3))
+    # A street between two straight rows of walls fixes the agent across it, not along it: started a
+    # little away along its least-constrained direction, ICP may settle elsewhere. Probe it, and let
+    # the spread of where it settles bound the fit's certainty that way.
+    variances, axes = np.linalg.eigh(covariance[:2, :2])
+    if variances[1] > config.scan_probe_anisotropy * variances[0]:  # one way much weaker than the other
+        weakest = axes[:, 1]
+        settled = []
+        for sign in (-1.0, 1.0):
+            start = estimate.copy()
+            start[:2, 3] += sign * config.scan_probe_m * weakest
+            settled.append(icp(start, config.scan_correspondence_m[1:] or config.scan_correspondence_m)[0][:2, 3])
+        spread = max(float(np.linalg.norm(p - origin)) for p in settled)
+        if spread > config.scan_probe_tolerance_m:
+            covariance[:2, :2] += spread ** 2 * np.outer(weakest, weakest)
+    correction = estimate @ invert_se3(ref_from_agent)
+    delta = np.array([*(origin - ref_from_agent[:2, 3]), np.arctan2(correction[1, 0], correction[0, 0])])
+    return Registration(delta=delta, covariance=covariance, matches=len(matches),
+                        rms_m=float(np.sqrt(np.mean(residual ** 2))))
+
+
 def planar_delta(a_from_b: np.ndarray) -> np.ndarray:
     """``[3]`` (x_m, y_m, yaw_rad) of a transform's planar part."""
     return np.array([a_from_b[0, 3], a_from_b[1, 3], np.arctan2(a_from_b[1, 0], a_from_b[0, 0])])
@@ -271,10 +372,15 @@ class CorrectorCounters:
     applied: int = 0
     refused: int = 0
     not_applied: dict[str, int] = field(default_factory=dict)
+    scans_matched: int = 0
+    """Frames whose registration scan was matched and folded in."""
+    scans_not_used: dict[str, int] = field(default_factory=dict)
+    """Frames with a scan that was not used, by reason."""
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "applied": self.applied, "refused": self.refused,
-                "not_applied": dict(self.not_applied)}
+                "not_applied": dict(self.not_applied), "scans_matched": self.scans_matched,
+                "scans_not_used": dict(self.scans_not_used)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +396,8 @@ class AgentView:
     odom_from_agent: np.ndarray | None = None  # [4, 4] the agent's dead-reckoned pose (None: no odometry)
     odometry_sigma: PlanarSigma | None = None
     """Uncertainty of the agent's motion since its previous frame."""
+    scan: np.ndarray | None = None
+    """``[M, 3]`` the agent's registration scan in its frame (:mod:`models.scan`), when this frame carries one."""
 
 
 class RelativeTrack:
@@ -306,6 +414,8 @@ class RelativeTrack:
         self.covariance = reported_cov
         self.sequences = (reference.sequence, view.sequence)
         self.odometry = (reference.odom_from_agent, view.odom_from_agent)
+        self.measured = False
+        """Whether this frame's registration scan was folded in."""
 
     def can_predict(self, reference: AgentView, view: AgentView, max_gap: int) -> bool:
         gaps = (reference.sequence - self.sequences[0], view.sequence - self.sequences[1])
@@ -347,10 +457,11 @@ class PoseCorrector:
     """Corrects agents' poses relative to the reference agent, frame by frame, and learns their steady errors.
 
     Per agent a :class:`RelativeTrack` carries the estimate from frame to frame with both agents'
-    odometry; each frame it takes in the reported relative pose and a registration of the agent's
-    object list onto the reference's (and, for agents that share no objects with the reference,
-    onto those of the agents already corrected). Call :meth:`correct` once per fused frame. Not
-    thread-safe: one fusion thread owns it.
+    odometry; each frame it takes in the reported relative pose, a match of the agent's registration
+    scan onto the reference's when both frames carry one (:func:`register_scans`: centimetres where
+    they share walls), and a registration of the agent's object list onto the reference's (and, for
+    agents that share no objects with the reference, onto those of the agents already corrected).
+    Call :meth:`correct` once per fused frame. Not thread-safe: one fusion thread owns it.
     """
 
     def __init__(self, config: CorrectionConfig, max_gap_frames: int = 20) -> None:
@@ -359,6 +470,7 @@ class PoseCorrector:
         self.counters: dict[int, CorrectorCounters] = {}
         self._window: dict[int, deque[np.ndarray]] = {}
         self._tracks: dict[int, RelativeTrack] = {}
+        self._reference_cloud: tuple[np.ndarray, object] | None = None  # the reference's last scan, with normals
 
     def _sigma(self, sigma: PlanarSigma | None) -> PlanarSigma:
         if sigma is None:
@@ -371,6 +483,8 @@ class PoseCorrector:
         anchor = [self._usable(reference.detections)]
         out: dict[int, Correction] = {}
         tracks = {v.agent_id: self._track(reference, v, ref_sigma) for v in others}
+        for view in others:
+            self._match_scan(reference, view, tracks[view.agent_id])
         pending = list(others)
         for _ in range(2):
             retry = []
@@ -398,10 +512,31 @@ class PoseCorrector:
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
             return track
         track.predict(reference, view)
+        track.measured = False
         if track.update(_planar_error(view.ref_from_agent, track.state), reported_cov) is None:
             log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
         return track
+
+    def _match_scan(self, reference: AgentView, view: AgentView, track: RelativeTrack | None) -> None:
+        """Fold a match of the agent's registration scan onto the reference's into its track (when both
+        frames carry one); counted either way."""
+        if track is None or not self.config.scans or view.scan is None or reference.scan is None:
+            return
+        counters = self.counters.setdefault(view.agent_id, CorrectorCounters())
+        if self._reference_cloud is None or self._reference_cloud[0] is not reference.scan:
+            self._reference_cloud = (reference.scan, scan_cloud(reference.scan))
+        fit = register_scans(self._reference_cloud[1], view.scan, track.state, self.config)
+        reason = ""
+        if fit is None:
+            reason = "too few scan points matched"
+        elif track.update(fit.delta, fit.covariance) is None:
+            reason = "scan fit disagrees with the track"
+        if reason:
+            counters.scans_not_used[reason] = counters.scans_not_used.get(reason, 0) + 1
+        else:
+            counters.scans_matched += 1
+            track.measured = True
 
     def _usable(self, detections: np.ndarray) -> np.ndarray:
         detections = np.asarray(detections, dtype=np.float64)
@@ -435,7 +570,7 @@ class PoseCorrector:
             self._tracks.pop(view.agent_id, None)
             return Correction(view.agent_id, reported, False, True,
                               f"correction of {shift:.2f} m / {turn:.2f} deg exceeds the bound", matches, delta)
-        if reason == "":
+        if reason == "" or track.measured:
             self._remember(view.agent_id, invert_se3(reported) @ estimate)
         # Applied whenever the track moved it: odometry carries earlier registrations even through a frame
         # that shares no objects.

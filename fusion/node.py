@@ -632,11 +632,11 @@ class FusionNode(FusionServicer):
             c = state.latest
             if c is None or not np.array_equal(c.world_from_agent, evidence.world_from_agent):
                 continue
-            detections = c.detections
+            detections, scan = c.detections, c.scan
             if abs(c.capture_time_ns - ego.capture_time_ns) > self.period_ns // 2:
-                detections = detections[:0]
+                detections, scan = detections[:0], None  # the world moved in between
             views[state.agent_id] = AgentView(state.agent_id, ego_from_world @ c.world_from_agent, detections,
-                                              c.pose_sigma, c.sequence, c.odom_from_agent, c.odometry_sigma)
+                                              c.pose_sigma, c.sequence, c.odom_from_agent, c.odometry_sigma, scan)
             rows[state.agent_id] = i
         reference_view = views.pop(ref_state.agent_id, None)
         if reference_view is None or not views:

@@ -18,6 +18,7 @@ from fusion.calibration import (CalibrationError, calibration_from_proto, check_
                                 pose_estimate_from_proto)
 from models.codec import CodedFrame, CodedTile, FeatureCodec
 from models.detector import BevDetector
+from models.scan import ScanError, unpack_scan
 from protos import FeatureDtype, FeatureFrame
 from transport import RAW_CODEC_ID, FramingError, GridSpec, boxes_from_proto, grid_from_proto, pose_from_proto
 
@@ -53,7 +54,9 @@ class Contribution:
     pose_correction_sequence: int = 0
     set_aside: tuple[str, ...] = ()
     """Parts of the frame that failed their checks and were left out (the frame itself is used), each
-    ``"<part>: <what is wrong>"`` with part ``pose covariance``, ``odometry`` or ``calibration``."""
+    ``"<part>: <what is wrong>"`` with part ``pose covariance``, ``odometry``, ``calibration`` or ``scan``."""
+    scan: np.ndarray | None = None
+    """``[M, 3]`` the registration scan this frame carried (agent frame), or None."""
 
 
 def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
@@ -133,10 +136,16 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
     if not np.all(np.isfinite(detections)):
         raise FrameRefused("object list has non-finite values")
     pose_sigma, odometry, odometry_sigma, set_aside = _pose_extras(frame)
+    scan = None
+    if frame.scan_blocks:
+        try:
+            scan = unpack_scan(list(frame.scan_blocks))
+        except ScanError as err:
+            set_aside = (*set_aside, f"scan: {err}")
     return Contribution(frame.agent_id, frame.sequence, frame.capture_time_ns, receive_time_ns, world_from_agent,
                         features, valid, detections, payload, frame.ByteSize(), len(frame.tiles), refused,
                         (time.perf_counter() - t0) * 1e3, frame, pose_sigma, odometry, odometry_sigma,
-                        frame.pose_correction_sequence, set_aside)
+                        frame.pose_correction_sequence, set_aside, scan)
 
 
 def _sigma(covariance: np.ndarray | None) -> PlanarSigma | None:

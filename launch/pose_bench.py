@@ -28,6 +28,7 @@ from launch.eval_cmd import DEFAULT_CHECKPOINT
 from launch.samples import coop_sample
 from launch.world_cmd import world_config
 from models.bev import aligned_bev_frame
+from models.scan import ScanConfig, pack_scan, thin_scan, unpack_scan
 from models.cooperative import merge_late
 from models.detector import BevDetector, load_checkpoint
 from models.geometry import invert_se3, perturb_pose, transform_boxes
@@ -64,10 +65,13 @@ def pose_error(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(np.hypot(delta[0], delta[1])), float(np.rad2deg(abs(delta[2])))
 
 
-METHODS = ("reported", "registration", "odometry", "odometry+registration")
+METHODS = ("reported", "registration", "odometry", "odometry+registration", "odometry+registration+scans", "exact")
 """Poses fused: as reported; corrected by object registration frame by frame; each agent's pose filtered with
-its odometry alone; relative poses tracked with odometry and registration (what the fusion node does, and
-what ``correction: true`` means in the result)."""
+its odometry alone; relative poses tracked with odometry and object registration; the same with the agents'
+registration scans matched too, on the frames that carry one (what the fusion node does, and what
+``correction: true`` means in the result); the exact relative poses (the ceiling of any correction: each
+agent's own BEV frame still comes from its noisy pose)."""
+CORRECTED = "odometry+registration+scans"
 
 
 @torch.no_grad()
@@ -116,15 +120,22 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
     ego_from_world = invert_se3(filtered[order[0]].world_from_agent)
     poses = {"reported": sample.ego_from_agent[sensing],
              "odometry": np.stack([ego_from_world @ filtered[order[k]].world_from_agent for k in sensing])}
+    scans = {}
+    if frame.frame_index % state["scan_config"].every_frames == 0:  # as agents send them: packed, every few frames
+        scans = {order[k]: unpack_scan(pack_scan(thin_scan(sample.points[k], state["scan_config"]),
+                                                 state["scan_config"])) for k in sensing}
     applied = {}
-    for name, with_odometry in (("registration", False), ("odometry+registration", True)):
+    for name, with_odometry, with_scans in (("registration", False, False), ("odometry+registration", True, False),
+                                            (CORRECTED, True, True)):
         views = [AgentView(order[k], poses["reported"][i], per_agent[i], report, frame.frame_index,
-                           *(odom_from_agent[order[k]] if with_odometry else (None, None)))
+                           *(odom_from_agent[order[k]] if with_odometry else (None, None)),
+                           scan=scans.get(order[k]) if with_scans else None)
                  for i, k in enumerate(sensing)]
         corrections = state[name].correct(views[0], views[1:]) if sensing[0] == 0 else {}
         poses[name] = np.stack([corrections[v.agent_id].ref_from_agent if v.agent_id in corrections
                                 else v.ref_from_agent for v in views])
         applied[name] = [bool(corrections.get(v.agent_id) and corrections[v.agent_id].applied) for v in views]
+    poses["exact"] = truth[sensing]
     out = {}
     for method in METHODS:
         merged = detector.fuse(features, torch.as_tensor(poses[method], dtype=torch.float32, device=device))
@@ -211,7 +222,8 @@ def bench_pose(args: argparse.Namespace) -> dict:
     for sigma in levels:
         state = {"filters": {a: PoseFilter(FilterConfig()) for a in frames[0].agents},
                  "registration": PoseCorrector(CorrectionConfig()),
-                 "odometry+registration": PoseCorrector(CorrectionConfig())}
+                 "odometry+registration": PoseCorrector(CorrectionConfig()),
+                 CORRECTED: PoseCorrector(CorrectionConfig()), "scan_config": ScanConfig(enabled=True)}
         scores = {(mode, m): APAccumulator() for mode in ("intermediate", "late") for m in METHODS}
         errors = {m: [] for m in METHODS}
         with progress() as bar:
@@ -227,16 +239,16 @@ def bench_pose(args: argparse.Namespace) -> dict:
         for (mode, method), acc in scores.items():
             ap = {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in acc.result().items()}
             ablation.append({"noise": sigma, "fusion": mode, "poses": method, "ap": ap})
-            if method in ("reported", "odometry+registration"):
+            if method in ("reported", CORRECTED):
                 runs.append({"noise": sigma, "fusion": mode, "correction": method != "reported", "ap": ap})
             console.print(f"noise {sigma:g}: {mode:>12} {method:>20}: AP {ap}")
         residuals.append(_residual(errors, sigma))
-        residuals[-1]["corrector"] = {a: c.as_dict() for a, c in state["odometry+registration"].counters.items()}
+        residuals[-1]["corrector"] = {a: c.as_dict() for a, c in state[CORRECTED].counters.items()}
         console.print(f"noise {sigma:g}: pose error {residuals[-1]}")
     top = max(residuals, key=lambda r: r["noise"])
     result = {"data": f"synthetic seed {args.seed}", "agents": world.agents, "frames": len(frames),
               "checkpoint": Path(args.checkpoint or DEFAULT_CHECKPOINT).name, "runs": runs,
-              "residual": {"xy_m": top["odometry+registration"]["xy_m"], "yaw_deg": top["odometry+registration"]["yaw_deg"],
+              "residual": {"xy_m": top[CORRECTED]["xy_m"], "yaw_deg": top[CORRECTED]["yaw_deg"],
                            "noise": top["noise"], "statistic": "median over non-ego agent-frames",
                            "as_reported": {k: top["reported"][k] for k in ("xy_m", "yaw_deg")}},
               "residual_by_noise": residuals, "ablation": ablation,

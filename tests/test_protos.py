@@ -134,6 +134,7 @@ def full_feature_frame() -> protos.FeatureFrame:
         auth_token="secret-token",
         odometry=_pose(3.0),
         pose_correction_sequence=1099511627700,
+        scan_blocks=[b"RS\x01block"],
     )
 
 

@@ -44,6 +44,8 @@ class Assembly:
     chunks: set[int] = field(default_factory=set)
     tiles: dict[int, Tile] = field(default_factory=dict)
     detections: list[Box3D] = field(default_factory=list)
+    scan_blocks: dict[int, list[bytes]] = field(default_factory=dict)
+    """Registration-scan blocks by the chunk that carried them."""
     first_receive_ns: int = 0
     last_receive_ns: int = 0
     last_send_ns: int = 0
@@ -69,6 +71,7 @@ class Assembly:
         out.CopyFrom(self.header)
         out.tiles.extend(self.tiles[i] for i in sorted(self.tiles))
         out.detections.extend(self.detections)
+        out.scan_blocks.extend(b for i in sorted(self.scan_blocks) for b in self.scan_blocks[i])
         out.chunk_index, out.chunk_count = 0, 0
         return out
 
@@ -157,6 +160,7 @@ class AgentBuffer:
             header.CopyFrom(chunk)
             del header.tiles[:]
             del header.detections[:]
+            del header.scan_blocks[:]
             header.auth_token = ""
             assembly = Assembly(header, count, first_receive_ns=receive_ns)
             self._first_chunk_delays.append(receive_ns - chunk.capture_time_ns)
@@ -181,6 +185,8 @@ class AgentBuffer:
         assembly.tiles.update((t.index, t) for t in chunk.tiles)
         if chunk.detections:
             assembly.detections = list(chunk.detections)
+        if chunk.scan_blocks:
+            assembly.scan_blocks[chunk.chunk_index] = list(chunk.scan_blocks)
         if chunk.HasField("calibration"):
             assembly.header.calibration.CopyFrom(chunk.calibration)
         assembly.last_receive_ns = receive_ns

@@ -133,11 +133,13 @@ def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_f
                   detections: np.ndarray | None = None, session_id: int = 0, send_time_ns: int = 0,
                   feature_dtype: int = FeatureDtype.FEATURE_DTYPE_UNSPECIFIED, auth_token: str = "",
                   pose_covariance: np.ndarray | None = None, odom_from_agent: np.ndarray | None = None,
-                  odometry_covariance: np.ndarray | None = None, pose_correction_sequence: int = 0) -> FeatureFrame:
+                  odometry_covariance: np.ndarray | None = None, pose_correction_sequence: int = 0,
+                  scan_blocks: Iterable[bytes] = ()) -> FeatureFrame:
     """One agent-frame as a message (unchunked). ``feature_dtype`` matters for :data:`RAW_CODEC_ID` only.
 
     ``pose_covariance`` and ``odometry_covariance`` are ``[6, 6]`` (see ``Pose.covariance``);
-    ``odom_from_agent`` is the agent's dead-reckoned pose (``FeatureFrame.odometry``).
+    ``odom_from_agent`` is the agent's dead-reckoned pose (``FeatureFrame.odometry``); ``scan_blocks``
+    a registration scan (:func:`models.scan.pack_scan`).
     """
     return FeatureFrame(agent_id=agent_id, session_id=session_id, sequence=sequence,
                         capture_time_ns=capture_time_ns, send_time_ns=send_time_ns,
@@ -149,7 +151,7 @@ def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_f
                         detections=boxes_to_proto(detections) if detections is not None else [],
                         odometry=(pose_to_proto(odom_from_agent, odometry_covariance)
                                   if odom_from_agent is not None else None),
-                        pose_correction_sequence=pose_correction_sequence)
+                        pose_correction_sequence=pose_correction_sequence, scan_blocks=list(scan_blocks))
 
 
 def grid_from_proto(spec: BevGridSpec) -> GridSpec:
@@ -174,7 +176,8 @@ def split_frame(frame: FeatureFrame, max_chunk_bytes: int = 1100) -> list[Featur
     pose, grid, codec, tile count) and a disjoint set of *whole* tiles, packed most relevant
     first so that the first chunks carry what matters most. Chunk 0 also carries the object
     list (its surest boxes, as many as fit), calibration and credential. A tile larger than a
-    chunk gets a chunk of its own.
+    chunk gets a chunk of its own. Registration-scan blocks follow the tiles, packed the same way
+    (each decodes alone, so a lost chunk loses only its own).
     A frame that fits in one chunk is returned as it is (``chunk_count`` 0: unchunked).
     """
     if max_chunk_bytes < 200:
@@ -185,6 +188,7 @@ def split_frame(frame: FeatureFrame, max_chunk_bytes: int = 1100) -> list[Featur
     header.CopyFrom(frame)
     del header.tiles[:]
     del header.detections[:]
+    del header.scan_blocks[:]
     header.ClearField("calibration")
     header.auth_token = ""
     first = FeatureFrame()
@@ -199,15 +203,20 @@ def split_frame(frame: FeatureFrame, max_chunk_bytes: int = 1100) -> list[Featur
     first.auth_token = frame.auth_token
     chunks: list[FeatureFrame] = [first]
     size = first.ByteSize()
-    for tile in sorted(frame.tiles, key=lambda t: (-t.relevance, t.index)):
-        tile_bytes = tile.ByteSize() + 3  # field tag and length prefix
-        if size + tile_bytes > budget and len(chunks[-1].tiles) + len(chunks[-1].detections) > 0:
+    items = [(tile, tile.ByteSize() + 3) for tile in sorted(frame.tiles, key=lambda t: (-t.relevance, t.index))]
+    items += [(block, len(block) + 3) for block in frame.scan_blocks]  # field tag and length prefix
+    for item, item_bytes in items:
+        last = chunks[-1]
+        if size + item_bytes > budget and len(last.tiles) + len(last.detections) + len(last.scan_blocks) > 0:
             chunk = FeatureFrame()
             chunk.CopyFrom(header)
             chunks.append(chunk)
             size = chunk.ByteSize()
-        chunks[-1].tiles.append(tile)
-        size += tile_bytes
+        if isinstance(item, bytes):
+            chunks[-1].scan_blocks.append(item)
+        else:
+            chunks[-1].tiles.append(item)
+        size += item_bytes
     for index, chunk in enumerate(chunks):
         chunk.chunk_index = index
         chunk.chunk_count = len(chunks)
