@@ -37,7 +37,7 @@ from models.codec import CodedTile, FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, Precision, load_checkpoint
 from models.geometry import invert_se3, transform_boxes, transform_points
-from models.scan import ScanConfig, pack_scan, thin_scan
+from models.scan import ScanConfig, pack_scan, scan_due, thin_scan
 from protos import Control, FeatureDtype, FeatureFrame
 from transport import (RAW_CODEC_ID, FeatureUplink, FramingError, GridSpec, LinkError, TlsFiles, feature_frame,
                        pose_from_proto)
@@ -360,10 +360,10 @@ class AgentNode:
                              tile_count=self.codec.tile_count(coded.feature_shape), **common)
 
     def _scan(self, index: int, points_bev: np.ndarray) -> list[bytes]:
-        """This frame's registration scan (BEV frame, packed), on every ``every_frames``-th frame when enabled.
-        Frames are numbered on the shared sensor clock, so every agent's scans fall on the same frames."""
+        """This frame's registration scan (BEV frame, packed), on the frames :func:`models.scan.scan_due` names.
+        Frames are numbered on the shared sensor clock, so the agents' turns do not drift apart."""
         config = self.config.registration_scan
-        if not config.enabled or index % config.every_frames:
+        if not scan_due(config, self.config.agent_id, index):
             return []
         return pack_scan(thin_scan(points_bev, config), config)
 

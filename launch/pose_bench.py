@@ -28,7 +28,7 @@ from launch.eval_cmd import DEFAULT_CHECKPOINT
 from launch.samples import coop_sample
 from launch.world_cmd import world_config
 from models.bev import aligned_bev_frame
-from models.scan import ScanConfig, pack_scan, thin_scan, unpack_scan
+from models.scan import ScanConfig, pack_scan, scan_due, thin_scan, unpack_scan
 from models.cooperative import merge_late
 from models.detector import BevDetector, load_checkpoint
 from models.geometry import invert_se3, perturb_pose, transform_boxes
@@ -120,10 +120,10 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
     ego_from_world = invert_se3(filtered[order[0]].world_from_agent)
     poses = {"reported": sample.ego_from_agent[sensing],
              "odometry": np.stack([ego_from_world @ filtered[order[k]].world_from_agent for k in sensing])}
-    scans = {}
-    if frame.frame_index % state["scan_config"].every_frames == 0:  # as agents send them: packed, every few frames
-        scans = {order[k]: unpack_scan(pack_scan(thin_scan(sample.points[k], state["scan_config"]),
-                                                 state["scan_config"])) for k in sensing}
+    every_frame = state["scan_config"].model_copy(update={"every_frames": 1})  # the ego's, on its local link
+    scans = {order[k]: unpack_scan(pack_scan(thin_scan(sample.points[k], config), config))  # as agents send them
+             for k in sensing for config in [every_frame if k == 0 else state["scan_config"]]
+             if scan_due(config, order[k], frame.frame_index)}
     applied = {}
     for name, with_odometry, with_scans in (("registration", False, False), ("odometry+registration", True, False),
                                             (CORRECTED, True, True)):

@@ -43,7 +43,10 @@ class ScanConfig(BaseModel):
     enabled: bool = False
     """Off by default, like odometry: worth its bytes (about 4 KB per scan) where reported poses are noisy."""
     every_frames: int = Field(5, ge=1)
-    """A scan goes with every this-many-th frame (odometry carries the pose between them)."""
+    """A scan goes with one frame in this many (odometry carries the pose between them): those whose index
+    is the agent's id modulo it, so that agents take turns and the fusion node matches about one scan per
+    frame rather than every agent's at once. The ego's agent, beside the fusion node on a local link,
+    sends one with every frame (``every_frames: 1``) so that each scan finds one to be matched onto."""
     voxel_m: float = Field(1.0, gt=0.0)
     """One point per voxel of this edge."""
     min_height_m: float = Field(0.3, ge=0.0)
@@ -56,6 +59,11 @@ class ScanConfig(BaseModel):
     """Points per block: one block fits a transport chunk of about a kilobyte."""
     xy_resolution_m: float = Field(0.02, gt=0.0)
     z_resolution_m: float = Field(0.1, gt=0.0)
+
+
+def scan_due(config: ScanConfig, agent_id: int, index: int) -> bool:
+    """Whether frame ``index`` of agent ``agent_id`` carries a scan (see :attr:`ScanConfig.every_frames`)."""
+    return config.enabled and index % config.every_frames == agent_id % config.every_frames
 
 
 def thin_scan(points: np.ndarray, config: ScanConfig) -> np.ndarray:

@@ -161,12 +161,13 @@ async def test_a_missing_ego_frame_is_stood_in_for_at_the_slot_time(models) -> N
 
 
 async def test_registration_scans_travel_with_frames_and_are_matched_and_a_bad_one_is_set_aside(models) -> None:
-    """Agents send a registration scan every other frame; the node matches agent 1's onto the ego's (its
-    mount error is found to centimetres), and a damaged scan block costs only that frame's scan."""
+    """The ego sends a registration scan with every frame, the others every other frame (on odd frames: their
+    turn is their id modulo 2); the node matches agent 1's onto the ego's (its mount error is found to
+    centimetres), and a damaged scan block costs only that frame's scan."""
     detector, codec = models
     agents = {a: AgentNode(AgentNodeConfig(agent_id=a, source=SourceConfig(world=WORLD),
                                            odometry=OdometryConfig(enabled=True),
-                                           registration_scan=ScanConfig(enabled=True, every_frames=2)),
+                                           registration_scan=ScanConfig(enabled=True, every_frames=1 if a == 0 else 2)),
                            detector, codec, _Mounted(a, MOUNT_ERROR if a == 1 else np.eye(4))) for a in (0, 1, -1)}
     node = _node(models)
     start = (time.time_ns() // PERIOD_NS) * PERIOD_NS
@@ -175,8 +176,8 @@ async def test_registration_scans_travel_with_frames_and_are_matched_and_a_bad_o
         for k in range(frames):
             for a, agent in agents.items():
                 frame = agent.compute(k, start + k * PERIOD_NS)
-                assert bool(frame.scan_blocks) == (k % 2 == 0)
-                if a == -1 and k == 4:
+                assert bool(frame.scan_blocks) == (a == 0 or k % 2 == 1)
+                if a == -1 and k == 5:
                     frame.scan_blocks[0] = frame.scan_blocks[0][:-1] + b"\x00"  # fails its CRC
                 await node._receive(node.agents[a] if a in node.agents else node._state(a, "grpc"), frame,
                                     frame.ByteSize())

@@ -145,3 +145,12 @@ def test_under_rate_control_a_scan_keeps_the_whole_blocks_that_fit() -> None:
     blocks = [b"a" * 300, b"b" * 300, b"c" * 300]
     assert _within(blocks, 650) == blocks[:2]
     assert _within(blocks, 299) == [] and _within(blocks, 900) == blocks
+
+
+def test_agents_take_turns_with_their_scans() -> None:
+    from models.scan import scan_due
+
+    config = ScanConfig(enabled=True, every_frames=3)
+    due = {a: [k for k in range(9) if scan_due(config, a, k)] for a in (0, 1, -1, 2)}
+    assert due == {0: [0, 3, 6], 1: [1, 4, 7], -1: [2, 5, 8], 2: [2, 5, 8]}
+    assert not any(scan_due(ScanConfig(every_frames=1), 0, k) for k in range(3))  # off unless enabled
