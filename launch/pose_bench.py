@@ -4,8 +4,9 @@ The held-out world is generated once; each noise level then replaces every agent
 the true one with Gaussian errors (position in metres, heading in degrees, turned about the agent),
 the same unit draws scaled by the level, so levels differ only in size. Agents report the covariance
 of their pose error, as a GNSS/INS does. Per frame every agent detects alone; the corrector
-(:class:`fusion.alignment.PoseCorrector`, as the fusion node runs it) registers their object lists;
-intermediate and late fusion then run on the reported and on the corrected poses.
+(:class:`fusion.alignment.PoseCorrector`, as the fusion node runs it) registers their object lists and
+matches their registration scans (sent as ``launch/pose-noise.yaml`` has agents send them);
+intermediate and late fusion then run on the reported, the corrected and the exact relative poses.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from launch.eval_cmd import DEFAULT_CHECKPOINT
 from launch.samples import coop_sample
 from launch.world_cmd import world_config
 from models.bev import aligned_bev_frame
-from models.scan import ScanConfig, pack_scan, scan_due, thin_scan, unpack_scan
 from models.cooperative import merge_late
 from models.detector import BevDetector, load_checkpoint
 from models.geometry import invert_se3, perturb_pose, transform_boxes
+from models.scan import ScanConfig, pack_scan, scan_due, thin_scan, unpack_scan
 from models.metrics import APAccumulator
 
 NOISE_DRAW = 7919
