@@ -414,8 +414,6 @@ class RelativeTrack:
         self.covariance = reported_cov
         self.sequences = (reference.sequence, view.sequence)
         self.odometry = (reference.odom_from_agent, view.odom_from_agent)
-        self.measured = False
-        """Whether this frame's registration scan was folded in."""
 
     def can_predict(self, reference: AgentView, view: AgentView, max_gap: int) -> bool:
         gaps = (reference.sequence - self.sequences[0], view.sequence - self.sequences[1])
@@ -483,13 +481,13 @@ class PoseCorrector:
         anchor = [self._usable(reference.detections)]
         out: dict[int, Correction] = {}
         tracks = {v.agent_id: self._track(reference, v, ref_sigma) for v in others}
-        for view in others:
-            self._match_scan(reference, view, tracks[view.agent_id])
+        scanned = {v.agent_id: self._match_scan(reference, v, tracks[v.agent_id]) for v in others}
         pending = list(others)
         for _ in range(2):
             retry = []
             for view in pending:
-                out[view.agent_id] = self._correct_one(view, tracks[view.agent_id], np.concatenate(anchor))
+                out[view.agent_id] = self._correct_one(view, tracks[view.agent_id], np.concatenate(anchor),
+                                                       scanned[view.agent_id])
                 if out[view.agent_id].reason == "too few common objects":
                     retry.append(view)
                 else:
@@ -512,17 +510,16 @@ class PoseCorrector:
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
             return track
         track.predict(reference, view)
-        track.measured = False
         if track.update(_planar_error(view.ref_from_agent, track.state), reported_cov) is None:
             log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
         return track
 
-    def _match_scan(self, reference: AgentView, view: AgentView, track: RelativeTrack | None) -> None:
+    def _match_scan(self, reference: AgentView, view: AgentView, track: RelativeTrack | None) -> bool:
         """Fold a match of the agent's registration scan onto the reference's into its track (when both
-        frames carry one); counted either way."""
+        frames carry one); counted either way. Returns whether it was folded in."""
         if track is None or not self.config.scans or view.scan is None or reference.scan is None:
-            return
+            return False
         counters = self.counters.setdefault(view.agent_id, CorrectorCounters())
         if self._reference_cloud is None or self._reference_cloud[0] is not reference.scan:
             self._reference_cloud = (reference.scan, scan_cloud(reference.scan))
@@ -534,9 +531,9 @@ class PoseCorrector:
             reason = "scan fit disagrees with the track"
         if reason:
             counters.scans_not_used[reason] = counters.scans_not_used.get(reason, 0) + 1
-        else:
-            counters.scans_matched += 1
-            track.measured = True
+            return False
+        counters.scans_matched += 1
+        return True
 
     def _usable(self, detections: np.ndarray) -> np.ndarray:
         detections = np.asarray(detections, dtype=np.float64)
@@ -545,7 +542,10 @@ class PoseCorrector:
         keep = detections[:, 7] >= self.config.min_score if detections.shape[1] > 7 else slice(None)
         return detections[keep, :7]
 
-    def _correct_one(self, view: AgentView, track: RelativeTrack | None, anchor: np.ndarray) -> Correction:
+    def _correct_one(self, view: AgentView, track: RelativeTrack | None, anchor: np.ndarray,
+                     scanned: bool) -> Correction:
+        """Register the agent's object list onto ``anchor`` into its track, bound the result, and remember it
+        for the steady error when this frame measured the agent (objects, or ``scanned``: its scan)."""
         reported = view.ref_from_agent
         if track is None:
             return Correction(view.agent_id, reported, False, False, "correction disabled")
@@ -570,7 +570,7 @@ class PoseCorrector:
             self._tracks.pop(view.agent_id, None)
             return Correction(view.agent_id, reported, False, True,
                               f"correction of {shift:.2f} m / {turn:.2f} deg exceeds the bound", matches, delta)
-        if reason == "" or track.measured:
+        if reason == "" or scanned:
             self._remember(view.agent_id, invert_se3(reported) @ estimate)
         # Applied whenever the track moved it: odometry carries earlier registrations even through a frame
         # that shares no objects.

@@ -121,10 +121,11 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
     ego_from_world = invert_se3(filtered[order[0]].world_from_agent)
     poses = {"reported": sample.ego_from_agent[sensing],
              "odometry": np.stack([ego_from_world @ filtered[order[k]].world_from_agent for k in sensing])}
-    every_frame = state["scan_config"].model_copy(update={"every_frames": 1})  # the ego's, on its local link
-    scans = {order[k]: unpack_scan(pack_scan(thin_scan(sample.points[k], config), config))  # as agents send them
-             for k in sensing for config in [every_frame if k == 0 else state["scan_config"]]
-             if scan_due(config, order[k], frame.frame_index)}
+    scans = {}  # as agents send them: packed and unpacked, the ego's with every frame (its local link)
+    for k in sensing:
+        config = state["scan_config"].model_copy(update={"every_frames": 1}) if k == 0 else state["scan_config"]
+        if scan_due(config, order[k], frame.frame_index):
+            scans[order[k]] = unpack_scan(pack_scan(thin_scan(sample.points[k], config), config))
     applied = {}
     for name, with_odometry, with_scans in (("registration", False, False), ("odometry+registration", True, False),
                                             (CORRECTED, True, True)):

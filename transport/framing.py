@@ -203,19 +203,17 @@ def split_frame(frame: FeatureFrame, max_chunk_bytes: int = 1100) -> list[Featur
     first.auth_token = frame.auth_token
     chunks: list[FeatureFrame] = [first]
     size = first.ByteSize()
-    items = [(tile, tile.ByteSize() + 3) for tile in sorted(frame.tiles, key=lambda t: (-t.relevance, t.index))]
-    items += [(block, len(block) + 3) for block in frame.scan_blocks]  # field tag and length prefix
-    for item, item_bytes in items:
+    items = [("tiles", tile, tile.ByteSize() + 3)  # field tag and length prefix
+             for tile in sorted(frame.tiles, key=lambda t: (-t.relevance, t.index))]
+    items += [("scan_blocks", block, len(block) + 3) for block in frame.scan_blocks]
+    for name, item, item_bytes in items:
         last = chunks[-1]
         if size + item_bytes > budget and len(last.tiles) + len(last.detections) + len(last.scan_blocks) > 0:
             chunk = FeatureFrame()
             chunk.CopyFrom(header)
             chunks.append(chunk)
             size = chunk.ByteSize()
-        if isinstance(item, bytes):
-            chunks[-1].scan_blocks.append(item)
-        else:
-            chunks[-1].tiles.append(item)
+        getattr(chunks[-1], name).append(item)
         size += item_bytes
     for index, chunk in enumerate(chunks):
         chunk.chunk_index = index
