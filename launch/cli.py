@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 from rich.markup import escape
 
-from launch import bench, codec_cmd, eval_cmd, launcher, node_cmd, replay_cmd, train_cmd, world_cmd
+from launch import allocator, bench, codec_cmd, eval_cmd, launcher, node_cmd, replay_cmd, train_cmd, world_cmd
 from launch.console import console, setup_logging
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    allocator.retain_freed_memory()  # every command runs frames through torch (see launch/allocator.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from launch.allocator import retain_freed_memory
 from models.backbones import list_backbones
 from models.detector import DetectorConfig, build_detector, load_checkpoint, native_bfloat16
 
@@ -26,6 +27,7 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
     Uses the committed weights where they exist (the weights do not change the cost). ``peak_window``
     and ``peak_ratio`` (default: each detector's) are the decoder's peak rule.
     """
+    allocator = retain_freed_memory()  # as every cpstream process does (idempotent)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tensors = [torch.from_numpy(np.ascontiguousarray(c)).to(device) for c in clouds]
     precisions = ["float32"] + (["bfloat16"] if native_bfloat16(device) else [])
@@ -57,4 +59,4 @@ def time_detectors(clouds: list[np.ndarray], device: torch.device | None = None,
                                         "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2)},
                          "agent_frames": len(times_ms)})
     return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "runs": runs}
+            "threads": torch.get_num_threads(), "allocator": allocator, "runs": runs}
