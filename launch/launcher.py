@@ -340,7 +340,10 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     report: dict = {"interrupted": False}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # asyncio's remove_signal_handler leaves the default action, not the handler before it: a caller's
+    # own handler (bench loss deletes its namespaces on SIGTERM) is put back at the end.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     subscriber = None
@@ -421,8 +424,10 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
             await asyncio.gather(subscriber, return_exceptions=True)
         if recorder is not None:  # --record: drain the queue and finish the file (also after Ctrl-C)
             report["record"] = await asyncio.to_thread(recorder.close)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
         report.update(_report(config, children, progress_, truth, frames, agent_ids))
         report["wall_s"] = round(time.monotonic() - started, 1)
         write_json(report_path, report)

@@ -81,7 +81,7 @@ def _run(config: dict, net: NetnsTopology, loss_pct: float, cap: str | None, wor
     command = [*net.exec_prefix(net.hub), sys.executable, "-m", "launch.cli", "launch", str(config_path),
                "--report", str(report_path)]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    impaired, tail = False, []
+    impaired, timed_out, tail = False, False, []
     started = time.monotonic()
     try:
         for line in process.stdout:  # the launcher's own lines: "streaming: ..." once every agent is connected
@@ -93,19 +93,31 @@ def _run(config: dict, net: NetnsTopology, loss_pct: float, cap: str | None, wor
                     net.cap_bandwidth(cap)
                 impaired = True
             if time.monotonic() - started > RUN_TIMEOUT_S:
-                process.kill()
+                timed_out = True
                 break
-        code = process.wait(timeout=30)
+        code = None if timed_out else process.wait(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
+        _end(process)
         counters = net.loss_counters()
         net.clear()
     if code != 0 or not report_path.exists():
-        raise RuntimeError(f"run {name} failed (exit {code}); last output:\n" + "\n".join(tail))
+        why = f"took longer than {RUN_TIMEOUT_S} s" if timed_out else f"exit {code}"
+        raise RuntimeError(f"run {name} failed ({why}); last output:\n" + "\n".join(tail))
     report = json.loads(report_path.read_text())
     timeline = [json.loads(line) for line in report_path.with_suffix(".frames.jsonl").read_text().splitlines()]
     return {"report": report, "timeline": timeline, "counters": counters}
+
+
+def _end(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stops a launcher still running with SIGTERM, on which it stops its fusion and agent processes and
+    writes its report (a SIGKILL would leave them running); SIGKILL only after ``grace_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _summarise(result: dict, remotes: list[int]) -> dict:
