@@ -156,8 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--losses", default="0,10,20,30,40", help="loss: packet loss percentages, comma-separated")
     parser.add_argument("--modes", default="substitution,no_substitution,grpc_tcp,datagram",
                         help="loss: modes to run, comma-separated")
-    parser.add_argument("--rate-hz", type=float, default=10.0,
-                        help="loss: sensor rate (frames per second per agent; lower it on a machine too slow for 10)")
+    parser.add_argument("--rate-hz", type=float, default=5.0,
+                        help="loss: sensor rate (frames per second per agent; 10 wants a faster machine than 2 cores)")
     parser.add_argument("--caps", default="2mbit",
                         help="loss: per-agent bandwidth caps (tc rates, e.g. 2mbit,300kbit) run with rate control "
                              "on and off; empty for none")
@@ -167,8 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="loss: codec rate level of the senders when rate control is off under a cap")
     parser.add_argument("--rate-level", type=int, default=0, help="loss: codec rate level without rate control")
     parser.add_argument("--repeats", type=int, default=1, help="loss: runs per setting (medians are reported)")
-    parser.add_argument("--deadline-ms", type=float, default=150.0, help="loss: the fusion node's slot deadline")
-    parser.add_argument("--max-age-ms", type=float, default=300.0, help="loss: oldest evidence the fusion node uses")
+    parser.add_argument("--deadline-ms", type=float, default=300.0, help="loss: the fusion node's slot deadline")
+    parser.add_argument("--max-age-ms", type=float, default=600.0, help="loss: oldest evidence the fusion node uses")
     parser.add_argument("--peak-window", type=int, choices=(1, 3, 5),
                         help="models: the decoder's heat-map peak window (default: each checkpoint's, 3)")
     parser.add_argument("--peak-ratio", type=unit_interval,
