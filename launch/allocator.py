@@ -4,9 +4,9 @@ Every frame allocates and frees the same large tensors: a cloud's per-point feat
 32 channels, 6 MB), the 200 x 200 x 32 pillar image (5 MB), the backbone's maps. With glibc's default
 settings blocks that large are mapped fresh from the kernel (``mmap``) or the heap's top is returned
 after they are freed (trimming), so the next frame touches new pages and faults on each 4 KiB of
-them; in a virtual machine a fault is expensive. On the 2-core test machine that was half of a
-detector's time per frame (``cpstream bench models``: mobiledet_tiny 64-75 ms with the defaults,
-about 38 ms with the freed memory kept; README, "Detector speed").
+them; in a virtual machine a fault is expensive. On the 2-core test machine that was a third of a
+detector's time per frame (``cpstream bench models``, medians of five runs: mobiledet_tiny 63.4 ms with
+the defaults, 43.9 ms with the freed memory kept; README, "Detector speed").
 
 This is what the PyTorch CPU performance guide gets by preloading jemalloc or tcmalloc; glibc's own
 ``mallopt`` does it in-process, with no library to install: blocks up to ``MMAP_THRESHOLD_BYTES`` come
