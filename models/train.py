@@ -50,6 +50,15 @@ class OptimConfig(BaseModel):
     rotate_scene: bool = True
     """Turn the whole world by a random yaw about the ego (augmentation): the world's streets have
     no preferred direction."""
+    frame_jitter_probability: float = Field(0.0, ge=0.0, le=1.0)
+    """Chance of moving every agent's BEV frame off the feature lattice (augmentation): each agent's
+    frame is shifted by up to half a feature cell per axis and turned by up to ``frame_jitter_yaw_deg``,
+    the relative poses staying exact. Agents build their frames from their own (noisy) poses, so in
+    use the scene meets the pillar grid at any sub-cell offset and turn, and the others' features
+    are resampled rather than moved by whole cells; without it the detector only ever sees the lattice
+    phase of the world's axis-aligned streets."""
+    frame_jitter_yaw_deg: float = Field(1.0, ge=0.0, le=10.0)
+    """Largest turn of an agent's frame when ``frame_jitter_probability`` moves it (uniform)."""
     early_fusion_loss: bool = True
     """Also train on the ego-frame union of all agents' points (the ``early`` path)."""
     trains: Literal["all", "merge", "fused"] = "all"
@@ -98,6 +107,23 @@ def rotate_scene(sample: CoopSample, yaw_rad: float, lattice_m: float) -> CoopSa
     return CoopSample(points=points, ego_from_agent=np.stack(new_ego_from_agent),
                       gt_boxes=transform_boxes(turn, sample.gt_boxes),
                       agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(new_from_old, sample.agent_gt_boxes)))
+
+
+def jitter_frames(sample: CoopSample, rng: random.Random, lattice_m: float, yaw_deg: float) -> CoopSample:
+    """The same scene with every agent's BEV frame moved by a random sub-cell shift (up to half of
+    ``lattice_m`` per axis) and turn (up to ``yaw_deg``), the agents' relative poses kept exact.
+
+    Each agent's points and boxes move into its new frame; the ego's boxes into the ego's new frame;
+    ``ego_from_agent`` becomes ``P_ego @ ego_from_agent @ inv(P_agent)`` where ``P`` maps an agent's old
+    frame to its new one.
+    """
+    moves = [se3_from_xyz_rpy(rng.uniform(-0.5, 0.5) * lattice_m, rng.uniform(-0.5, 0.5) * lattice_m, 0.0,
+                              0.0, 0.0, float(np.deg2rad(rng.uniform(-yaw_deg, yaw_deg))))
+             for _ in sample.points]
+    points = tuple(transform_points(m, p).astype(np.float32) for m, p in zip(moves, sample.points))
+    ego_from_agent = np.stack([moves[0] @ e @ invert_se3(m) for e, m in zip(sample.ego_from_agent, moves)])
+    return CoopSample(points=points, ego_from_agent=ego_from_agent, gt_boxes=transform_boxes(moves[0], sample.gt_boxes),
+                      agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(moves, sample.agent_gt_boxes)))
 
 
 def _fused_loss(detector: BevDetector, features: torch.Tensor, sample: CoopSample) -> torch.Tensor:
@@ -188,6 +214,8 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
             sample = mirror(sample)
         if config.rotate_scene:
             sample = rotate_scene(sample, rng.uniform(-np.pi, np.pi), detector.feature_cell_m)
+        if config.frame_jitter_probability and rng.random() < config.frame_jitter_probability:
+            sample = jitter_frames(sample, rng, detector.feature_cell_m, config.frame_jitter_yaw_deg)
         parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss,
                             fused_only=base_frozen)
         optimiser.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ empty inputs, fusion modes, checkpoints, a short training run and the augmentati
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from models.detector import (BevDetector, CheckpointError, DetectorConfig, build
                              save_checkpoint)
 from models.geometry import invert_se3, se3_from_xyz_rpy, transform_boxes, transform_points, wrap_angle_rad
 from models.pillars import PillarEncoder
-from models.train import OptimConfig, init_from_checkpoint, mirror, rotate_scene, sample_loss, train
+from models.train import OptimConfig, init_from_checkpoint, jitter_frames, mirror, rotate_scene, sample_loss, train
 
 GRID_CONFIG = BevGridConfig(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=0.5)  # 64 x 64
 SMALL_GRID_CONFIG = BevGridConfig(x_min_m=-8.0, x_max_m=8.0, y_min_m=-8.0, y_max_m=8.0, cell_size_m=0.5)  # 32 x 32
@@ -549,6 +550,36 @@ def test_rotate_scene_keeps_the_scene_consistent_and_frames_on_the_lattice(latti
     agent_origin = transform_points(invert_se3(turned.ego_from_agent[1]) @ ego_turn @ sample.ego_from_agent[1],
                                     np.zeros((1, 3)))
     assert np.all(np.abs(agent_origin[0, :2]) <= lattice_m / 2 + 1e-9)
+
+
+def test_jitter_frames_moves_each_frame_off_the_lattice_and_keeps_the_scene_consistent() -> None:
+    sample = _coop_sample()
+    lattice_m, yaw_deg = 0.8, 1.0
+    moved = jitter_frames(sample, random.Random(3), lattice_m, yaw_deg)
+    np.testing.assert_allclose(moved.ego_from_agent[0], np.eye(4), atol=1e-12)
+    shifts = []
+    for j, boxes_in_ego in enumerate(_agent_boxes_in_ego(moved)):
+        _assert_boxes_close(boxes_in_ego, moved.gt_boxes)  # every agent still agrees on where things are
+        # The points, placed in the ego frame, sit where the moved ground truth says the scene is.
+        new_from_old = invert_se3(moved.ego_from_agent[j]) @ _ego_move(sample, moved) @ sample.ego_from_agent[j]
+        np.testing.assert_allclose(transform_points(new_from_old, sample.points[j]), moved.points[j], atol=1e-4)
+        delta = np.array([new_from_old[0, 3], new_from_old[1, 3], math.atan2(new_from_old[1, 0], new_from_old[0, 0])])
+        assert np.all(np.abs(delta[:2]) <= lattice_m / 2 + 1e-9) and abs(np.rad2deg(delta[2])) <= yaw_deg + 1e-9
+        shifts.append(delta)
+        assert moved.points[j].dtype == np.float32
+    assert np.all(np.abs(np.array(shifts)[:, :2]) > 1e-3)  # off the lattice, not a no-op
+    # Relative placement between the agents' frames is no longer whole lattice steps.
+    steps = moved.ego_from_agent[1][:2, 3] / lattice_m
+    assert not np.allclose(steps, np.round(steps), atol=1e-3)
+
+
+def _ego_move(sample: CoopSample, moved: CoopSample) -> np.ndarray:
+    """``new_ego_from_old_ego``: recovered from one scored box before and after (boxes move rigidly)."""
+    before, after = sample.gt_boxes[0], moved.gt_boxes[0]
+    turn = float(wrap_angle_rad(after[6] - before[6]))
+    rotation = se3_from_xyz_rpy(0.0, 0.0, 0.0, 0.0, 0.0, turn)
+    rotated = transform_points(rotation, before[None, :3])[0]
+    return se3_from_xyz_rpy(*(after[:3] - rotated), 0.0, 0.0, turn)
 
 
 def test_mirror_keeps_the_scene_consistent_and_twice_is_identity() -> None:
