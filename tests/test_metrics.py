@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import IOU_THRESHOLDS, APAccumulator, voc_ap
+from models.metrics import IOU_THRESHOLDS, APAccumulator, ModaAccumulator, voc_ap
 
 KEYS = ("0.3", "0.5", "0.7")
 
@@ -140,3 +140,43 @@ def test_detections_sorted_within_frame_regardless_of_input_order() -> None:
     # Same as test_higher_scored_false_positive with the detections given low score first.
     frames = [([_det(0.0, 0.5), _det(FAR_M, 0.9)], [_box(0.0)])]
     assert _ap(frames) == pytest.approx({key: 0.5 for key in KEYS})
+
+
+# ------------------------------------------------------------------------------------------------
+# MODA / MODP
+
+
+def test_moda_matches_one_to_one_by_the_hungarian_algorithm() -> None:
+    # Nearest-first matching would pair the first detection with the person at the origin and leave
+    # the second detection (0.9 m from the other person) a false positive; the optimal assignment
+    # matches both.
+    moda = ModaAccumulator(0.5)
+    moda.add_frame(np.array([[0.25, 0.0], [-0.3, 0.0]]), np.array([[0.0, 0.0], [0.6, 0.0]]))
+    result = moda.result()
+    assert (result["tp"], result["fp"], result["fn"]) == (2, 0, 0)
+    assert result["moda"] == pytest.approx(1.0)
+    assert result["modp"] == pytest.approx(((1 - 0.35 / 0.5) + (1 - 0.3 / 0.5)) / 2)
+
+
+def test_moda_counts_misses_and_false_alarms_over_frames() -> None:
+    moda = ModaAccumulator()
+    moda.add_frame(np.array([[10.0, 10.0], [0.1, 0.0]]), np.array([[0.0, 0.0], [5.0, 5.0], [7.0, 7.0]]))
+    moda.add_frame(np.zeros((0, 2)), np.array([[1.0, 1.0]]))  # a frame where nothing is found
+    moda.add_frame(np.array([[3.0, 3.0], [3.0, 3.4]]), np.zeros((0, 2)))  # a frame with nobody there
+    moda.add_frame(np.array([[0.0, 0.51]]), np.array([[0.0, 0.0]]))  # just out of reach: a miss and a false alarm
+    result = moda.result()
+    assert (result["tp"], result["fp"], result["fn"], result["gt"], result["frames"]) == (1, 4, 4, 5, 4)
+    assert result["moda"] == pytest.approx(1 - 8 / 5)  # more errors than people: negative
+    assert result["modp"] == pytest.approx(1 - 0.1 / 0.5)
+    assert result["recall"] == pytest.approx(1 / 5) and result["precision"] == pytest.approx(1 / 5)
+
+
+def test_moda_edge_cases_and_bad_input() -> None:
+    empty = ModaAccumulator().result()
+    assert np.isnan(empty["moda"]) and np.isnan(empty["modp"])
+    with pytest.raises(ValueError, match="finite"):
+        ModaAccumulator().add_frame(np.array([[np.nan, 0.0]]), np.zeros((0, 2)))
+    with pytest.raises(ValueError, match=r"\[N, >=2\]"):
+        ModaAccumulator().add_frame(np.zeros((3, 1)), np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="radius"):
+        ModaAccumulator(0.0)
