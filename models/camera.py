@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from models.backbones import build_bev_backbone
 from models.bev import BevGrid
 
 MIN_DEPTH_M = 0.1
@@ -138,3 +140,34 @@ def lift_to_bev(features: torch.Tensor, samplings: list[GroundSampling]) -> tupl
     lifted = lifted * valid[:, None]
     seen = valid.sum(dim=0)
     return lifted.sum(dim=0) / seen.clamp(min=1.0), seen
+
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+"""Per-channel normalisation of RGB in [0, 1] (the usual ImageNet statistics)."""
+
+
+class CameraBevEncoder(nn.Module):
+    """One agent's camera images to one BEV feature map: an image backbone from the registry (the same
+    MobileDet- and Next-ViT-style families as the LiDAR path, built for 3 input channels) and a neck to
+    ``out_channels`` at stride ``reduction``, then :func:`lift_to_bev` onto the agent's feature grid.
+
+    Input ``[N, H, W, 3]`` uint8 images of the agent's ``N`` cameras and their :class:`GroundSampling` on
+    the feature grid; output ``[out_channels, H_bev, W_bev]`` and how many cameras see each cell.
+    """
+
+    def __init__(self, backbone: str, out_channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        self.image = build_bev_backbone(backbone, in_channels=3, out_channels=out_channels, reduction=reduction)
+        self.out_channels = out_channels
+        self.reduction = self.image.reduction
+        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, H, W, 3]`` uint8 to ``[N, C, H / r, W / r]``."""
+        x = images.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0
+        return self.image((x - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor, samplings: list[GroundSampling]) -> tuple[torch.Tensor, torch.Tensor]:
+        return lift_to_bev(self.image_features(images), samplings)

@@ -8,7 +8,7 @@ import torch
 
 from agents.world.sensors import PEDESTRIAN, build_scene, pinhole_intrinsic, render_camera
 from models.bev import BevGridConfig
-from models.camera import CameraInputError, check_image, ground_sampling, lift_to_bev
+from models.camera import CameraBevEncoder, CameraInputError, check_image, ground_sampling, lift_to_bev
 
 GRID = BevGridConfig(x_min_m=-24.0, x_max_m=24.0, y_min_m=-24.0, y_max_m=24.0, cell_size_m=0.5).build()
 WIDTH, HEIGHT = 320, 240
@@ -125,3 +125,22 @@ def test_bad_frames_are_refused_by_name(image, match) -> None:
     with pytest.raises(CameraInputError, match=f"camera 'left'.*{match}"):
         check_image("left", image, HEIGHT, WIDTH)
     assert check_image("left", np.zeros((HEIGHT, WIDTH, 3), np.uint8), HEIGHT, WIDTH).shape == (HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.parametrize("backbone", ["mobiledet_tiny", "nextvit_tiny"])
+def test_camera_encoders_build_and_run_on_tiny_images(backbone: str) -> None:
+    torch.manual_seed(0)
+    encoder = CameraBevEncoder(backbone, out_channels=16, reduction=8)
+    grid = BevGridConfig(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, cell_size_m=1.0).build()
+    intrinsic = pinhole_intrinsic(96, 64, 90.0)
+    samplings = [ground_sampling(f"camera{k}", intrinsic,
+                                 camera_looking_at(np.array([0.0, 0.0, 4.0]), np.array([8.0 * np.cos(a), 8.0 * np.sin(a), 0.0])),
+                                 grid, 64, 96) for k, a in enumerate((0.0, np.pi))]
+    images = torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8)
+    assert encoder.image_features(images).shape == (2, 16, 8, 12)
+    bev, seen = encoder(images, samplings)
+    assert bev.shape == (16, 32, 32) and seen.shape == (32, 32)
+    unseen = ~torch.from_numpy(samplings[0].valid | samplings[1].valid)
+    assert unseen.any() and torch.all(bev[:, unseen] == 0) and torch.all(bev[:, ~unseen].abs().sum(0) > 0)
+    bev.sum().backward()  # trainable end to end
+    assert all(p.grad is not None for p in encoder.image.parameters() if p.requires_grad)
