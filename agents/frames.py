@@ -102,11 +102,12 @@ class SceneFrame:
 
     @property
     def ego_id(self) -> int:
-        """The ego: the smallest non-negative agent id (roadside units never lead)."""
+        """The ego: the smallest non-negative agent id (roadside units lead only where there is no vehicle,
+        as at a crossing watched by pole cameras: then unit -1)."""
+        if not self.agents:
+            raise ValueError(f"{self.scenario} frame {self.frame_index}: no agent to be the ego")
         vehicles = [a for a in self.agents if a >= 0]
-        if not vehicles:
-            raise ValueError(f"{self.scenario} frame {self.frame_index}: no vehicle agent to be the ego")
-        return min(vehicles)
+        return min(vehicles) if vehicles else max(self.agents)
 
     def objects(self) -> dict[int, ObjectState]:
         """Union of every agent's ground-truth objects, by object id."""

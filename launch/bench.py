@@ -131,8 +131,15 @@ def bench_loss(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def bench_camera(args: argparse.Namespace) -> dict:
+    """MODA / MODP of pedestrians at a pole-camera crossing: the best single camera against all fused."""
+    from launch.camera_bench import bench_camera as run
+
+    return run(args)
+
+
 BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec,
-           "scale": bench_scale, "loss": bench_loss, "pose": bench_pose}
+           "scale": bench_scale, "loss": bench_loss, "pose": bench_pose, "camera": bench_camera}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -148,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--data", type=Path, help="OPV2V-layout folder instead of a synthetic world (fusion, codec)")
     parser.add_argument("--plot", type=Path, help="write a PNG of the result (codec: AP against bytes)")
-    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec, pose; default mobiledet_tiny)")
+    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec, pose: default mobiledet_tiny; camera: camera_crossing)")
     parser.add_argument("--codec", type=Path, help="codec weights (codec; default: the one trained for the detector)")
     parser.add_argument("--counts", default="2,4,8,16", help="scale: agent counts to run, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="scale: seconds of streaming per agent count")

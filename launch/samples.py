@@ -9,7 +9,8 @@ from agents.frames import ObjectClass
 from agents.node import ground_points, ground_pose
 from agents.visibility import points_on_boxes
 from models.bev import BevGrid, aligned_bev_frame
-from models.cooperative import CoopSample
+from models.camera import CameraInputError, check_image
+from models.cooperative import CameraViews, CoopSample
 from models.geometry import invert_se3, transform_boxes, transform_points
 
 MIN_POINTS_FOR_GT = 1
@@ -44,3 +45,72 @@ def coop_sample(frame: SceneFrame, grid: BevGrid, lattice_m: float,
                    for a, (_, bev_from_ground) in zip(agents, frames))
     return CoopSample(points=points, ego_from_agent=ego_from_agent,
                       gt_boxes=gt[in_range & seen_by.any(axis=0)], agent_gt_boxes=tuple(agent_gt))
+
+
+def camera_views(agent, bev_from_ground: np.ndarray) -> CameraViews:
+    """An agent's camera images and calibrations, each camera placed in the agent's BEV frame.
+
+    Raises:
+        CameraInputError: a camera's image is missing or is not ``[H, W, 3]`` uint8 of its calibration's size.
+    """
+    ground_from_lidar = np.eye(4)
+    ground_from_lidar[2, 3] = agent.world_from_lidar[2, 3]  # the ground frame sits under the sensor frame
+    images = []
+    for camera in agent.cameras:
+        if camera.image_rgb is None:
+            raise CameraInputError(f"camera {camera.name!r} of agent {agent.agent_id}: no image")
+        height, width = agent.cameras[0].image_rgb.shape[:2]
+        images.append(check_image(f"{agent.agent_id}/{camera.name}", camera.image_rgb, height, width))
+    return CameraViews(names=tuple(f"{agent.agent_id}/{c.name}" for c in agent.cameras), images=np.stack(images),
+                       intrinsics=np.stack([c.intrinsic for c in agent.cameras]),
+                       bev_from_camera=np.stack([bev_from_ground @ ground_from_lidar @ c.lidar_from_camera
+                                                 for c in agent.cameras]))
+
+
+def in_view(views: CameraViews, boxes: np.ndarray) -> np.ndarray:
+    """``[M]`` bool: the boxes' ground points (in the agent's BEV frame) fall inside some camera's image."""
+    seen = np.zeros(len(boxes), dtype=bool)
+    if not len(boxes):
+        return seen
+    feet = np.column_stack([boxes[:, :2], np.zeros(len(boxes)), np.ones(len(boxes))])
+    for image, intrinsic, bev_from_camera in zip(views.images, views.intrinsics, views.bev_from_camera, strict=True):
+        in_camera = (invert_se3(bev_from_camera) @ feet.T)[:3]
+        depth = in_camera[2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u, v = (intrinsic @ in_camera)[:2] / depth
+        seen |= (depth > 0.1) & (u >= 0) & (u < image.shape[1]) & (v >= 0) & (v < image.shape[0])
+    return seen
+
+
+def camera_sample(frame: SceneFrame, grid: BevGrid, lattice_m: float,
+                  object_class: ObjectClass = ObjectClass.PEDESTRIAN, area_half_m: float | None = None) -> CoopSample:
+    """Like :func:`coop_sample` for camera agents (and LiDAR agents beside them): each camera agent's images
+    and calibration in its BEV frame, no points. Ground truth: every object of ``object_class`` in the ego's
+    grid (within ``area_half_m`` of the world's origin when given: the area watched); an agent's own, those
+    whose ground point one of its cameras sees (in front of it and inside its image, hidden or not)."""
+    order = [frame.ego_id] + [a for a in sorted(frame.agents) if a != frame.ego_id]
+    agents = [frame.agents[a] for a in order]
+    frames = [aligned_bev_frame(ground_pose(a), lattice_m) for a in agents]
+    ego_from_world = invert_se3(frames[0][0])
+    ego_from_agent = np.stack([ego_from_world @ world_from_bev for world_from_bev, _ in frames])
+    true_bev_from_world = [invert_se3(ground_pose(a, true=True) @ invert_se3(bev_from_ground))
+                           for a, (_, bev_from_ground) in zip(agents, frames)]
+    objects = [o for o in frame.objects().values() if o.object_class == object_class and o.object_id != frame.ego_id]
+    boxes_world = np.stack([o.box_world for o in objects]) if objects else np.zeros((0, 7))
+    if area_half_m is not None:
+        boxes_world = boxes_world[np.all(np.abs(boxes_world[:, :2]) <= area_half_m, axis=1)]
+    gt = transform_boxes(true_bev_from_world[0], boxes_world)
+    points, cameras, agent_gt = [], [], []
+    for k, (agent, (_, bev_from_ground)) in enumerate(zip(agents, frames)):
+        own = transform_boxes(true_bev_from_world[k], boxes_world)
+        if agent.cameras and not len(agent.points):
+            views = camera_views(agent, bev_from_ground)
+            own = own[in_view(views, own)]
+            cameras.append(views)
+            points.append(np.zeros((0, 4), np.float32))
+        else:
+            cameras.append(None)
+            points.append(transform_points(bev_from_ground, ground_points(agent)).astype(np.float32))
+        agent_gt.append(own[grid.contains(own[:, :2])])
+    return CoopSample(points=tuple(points), ego_from_agent=ego_from_agent, gt_boxes=gt[grid.contains(gt[:, :2])],
+                      agent_gt_boxes=tuple(agent_gt), cameras=tuple(cameras))

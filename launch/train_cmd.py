@@ -12,9 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents import WorldConfig
+from agents.world.crossing import CrossingConfig, CrossingWorld
 from launch.console import console, progress
 from launch.datasets import scene_frames
-from launch.samples import coop_sample
+from launch.samples import camera_sample, coop_sample
 from models.bev import BevGrid
 from models.cooperative import CoopSample
 from models.detector import DetectorConfig, build_detector
@@ -37,6 +38,9 @@ class TrainDataConfig(BaseModel):
     """Take every n-th frame (neighbouring frames are nearly the same)."""
     world: WorldConfig = WorldConfig(frames=60, camera={"count": 0})
     """The world settings (its seed is replaced per world)."""
+    crossing: CrossingConfig | None = None
+    """Train on the pole-camera crossing (:mod:`agents.world.crossing`; its seed replaced per world)
+    instead of the town: camera agents, pedestrians within the plaza."""
     agent_counts: list[int] | None = None
     """Agents per world in turn (world k has ``agent_counts[k % len]``), so a fused model sees as
     many agents as it will meet; unset: ``world.agents`` for every world."""
@@ -93,6 +97,8 @@ def build_samples(data: TrainDataConfig, detector: DetectorConfig) -> list[CoopS
     """Training samples in the BEV frames of ``detector`` (its grid and feature lattice)."""
     grid = detector.grid.build()
     lattice_m = detector.feature_cell_m
+    if data.crossing is not None:
+        return crossing_samples(data, grid, lattice_m)
     sources = [(data.data_dir, None)] if data.data_dir is not None else [(None, w) for w in data.world_configs()]
     samples: list[CoopSample] = []
     with progress() as bar:
@@ -102,6 +108,20 @@ def build_samples(data: TrainDataConfig, detector: DetectorConfig) -> list[CoopS
             bar.update(task, total=(bar.tasks[0].total or 0) + count)
             for frame in frames:
                 samples.append(crop(coop_sample(frame, grid, lattice_m), grid))
+                bar.advance(task)
+    return samples
+
+
+def crossing_samples(data: TrainDataConfig, grid: BevGrid, lattice_m: float) -> list[CoopSample]:
+    """Camera samples of the crossings with seeds ``first_seed ..``: every pole's image, the people on the plaza."""
+    samples = []
+    with progress() as bar:
+        task = bar.add_task("rendering crossings", total=data.worlds * len(range(0, data.crossing.frames, data.frame_stride)))
+        for k in range(data.worlds):
+            world = CrossingWorld(data.crossing.model_copy(update={"seed": data.first_seed + k}))
+            for index in range(0, len(world), data.frame_stride):
+                samples.append(camera_sample(world.frame(index), grid, lattice_m,
+                                             area_half_m=world.config.half_size_m))
                 bar.advance(task)
     return samples
 

@@ -22,7 +22,8 @@ def add_world_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=int, help="agents in total, 2..8 (default 4)")
     parser.add_argument("--roadside-units", type=int, help="how many agents are roadside units (default: one per four agents, at least one)")
     parser.add_argument("--frames", type=int, help="frames at 10 Hz (default 100)")
-    parser.add_argument("--cameras", type=int, help="cameras per agent, 0..4 (default 1)")
+    parser.add_argument("--cameras", type=int, help="cameras per agent, 0..4 (default 1); bench camera: pole "
+                        "cameras at the crossing, 1..8 (default 5)")
     parser.add_argument("--pose-noise", metavar="M,DEG",
                         help="standard deviation of reported position (m) and heading (deg), e.g. 0.2,0.5")
 

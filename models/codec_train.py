@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.codec import CodecConfig, CodecError, FeatureCodec
-from models.cooperative import CoopSample
+from models.cooperative import CoopSample, agent_features
 from models.detector import BevDetector, DetectorConfig
 from models.head import build_targets, compute_loss
 
@@ -63,11 +63,10 @@ class FeatureSample:
 @torch.no_grad()
 def cache_features(detector: BevDetector, samples: Sequence[CoopSample],
                    on_sample: Callable[[], None] | None = None) -> list[FeatureSample]:
-    """Run the frozen pillars + backbone once per agent-frame."""
-    device = next(detector.parameters()).device
+    """Run the frozen pillars + backbone (or, for camera agents, image backbone and lifting) once per agent-frame."""
     cached = []
     for sample in samples:
-        features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
+        features = agent_features(detector, sample)
         cached.append(FeatureSample(features.half().cpu(), torch.as_tensor(sample.ego_from_agent, dtype=torch.float32),
                                     sample.gt_boxes))
         if on_sample is not None:

@@ -24,6 +24,27 @@ FUSION_MODES: tuple[str, ...] = ("none", "late", "early", "intermediate")
 
 
 @dataclass(frozen=True, slots=True)
+class CameraViews:
+    """One camera agent's images and calibration at one time step.
+
+    Attributes:
+        names: the cameras' names (for errors).
+        images: ``[N, H, W, 3]`` uint8 RGB.
+        intrinsics: ``[N, 3, 3]`` pinhole matrices (pixels).
+        bev_from_camera: ``[N, 4, 4]`` each camera (OpenCV axes) in the agent's BEV frame.
+    """
+
+    names: tuple[str, ...]
+    images: np.ndarray  # [N, H, W, 3]
+    intrinsics: np.ndarray  # [N, 3, 3]
+    bev_from_camera: np.ndarray  # [N, 4, 4]
+
+    def moved(self, new_from_old: np.ndarray) -> CameraViews:
+        """The same cameras with the agent's BEV frame moved by ``new_from_old``."""
+        return CameraViews(self.names, self.images, self.intrinsics, new_from_old[None] @ self.bev_from_camera)
+
+
+@dataclass(frozen=True, slots=True)
 class CoopSample:
     """What the agents sensed at one time step, ready for a detector.
 
@@ -32,12 +53,44 @@ class CoopSample:
         ego_from_agent: ``[A, 4, 4]`` each agent's ground frame in the ego's (``[0]`` is identity).
         gt_boxes: ``[M, 7]`` ground truth in the ego ground frame (what is scored).
         agent_gt_boxes: per agent, the ground truth it can see, in its own ground frame (training).
+        cameras: per agent, its camera views when it is a camera agent, else ``None`` (empty: LiDAR agents
+            only). A camera agent's points are empty.
     """
 
     points: tuple[np.ndarray, ...]
     ego_from_agent: np.ndarray  # [A, 4, 4]
     gt_boxes: np.ndarray  # [M, 7]
     agent_gt_boxes: tuple[np.ndarray, ...] = ()
+    cameras: tuple[CameraViews | None, ...] = ()
+
+    def camera_agents(self) -> list[int]:
+        """Indices of the agents that sense with cameras."""
+        return [k for k, c in enumerate(self.cameras) if c is not None]
+
+
+def agent_features(detector, sample: CoopSample, agents: list[int] | None = None) -> torch.Tensor:
+    """``[len(agents), C, h, w]`` BEV features of the sample's agents (all by default), each from its
+    LiDAR points or, for a camera agent, its images lifted onto the detector's feature grid."""
+    device = next(detector.parameters()).device
+    agents = list(range(len(sample.points))) if agents is None else agents
+    cameras = set(sample.camera_agents())
+    out: dict[int, torch.Tensor] = {}
+    lidar = [k for k in agents if k not in cameras]
+    if lidar:
+        for k, f in zip(lidar, detector.features(_to_tensors([sample.points[k] for k in lidar], device))):
+            out[k] = f
+    seen = [k for k in agents if k in cameras]
+    if seen:
+        images, samplings = [], []
+        for k in seen:
+            views = sample.cameras[k]
+            height, width = views.images.shape[1:3]
+            samplings.append([detector.camera_sampling(n, i, m, height, width)
+                              for n, i, m in zip(views.names, views.intrinsics, views.bev_from_camera, strict=True)])
+            images.append(torch.from_numpy(np.ascontiguousarray(views.images)).to(device))
+        for k, f in zip(seen, detector.camera_features(images, samplings)):
+            out[k] = f
+    return torch.stack([out[k] for k in agents])
 
 
 def _to_tensors(points: list[np.ndarray] | tuple[np.ndarray, ...], device: torch.device) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from models.backbones import build_bev_backbone, list_backbones
 from models.bev import BevGrid, BevGridConfig
+from models.camera import CameraBevEncoder, GroundSampling, ground_sampling
 from models.head import CenterHead, HeadOutput, PeakHeadOutput, decode
 from models.pillars import PillarEncoder
 from models.warp import AttentionMerge, ContextMerge, max_merge, warp_to_ego
@@ -82,6 +83,13 @@ class DetectorConfig(BaseModel):
     object only one agent sees with the empty-looking cells of agents that cover it but cannot see it;
     its own head's verdict survives the merge. Needs ``fused_head`` (a second stage starts it from a
     checkpoint without the hint: the new input weights start at zero, so it starts as that checkpoint)."""
+    camera_backbone: str | None = None
+    """An image backbone from the same registry for camera agents (``None``: LiDAR agents only). A camera
+    agent's images go through it and a neck to ``feature_channels`` at stride ``camera_reduction`` and are
+    lifted onto the shared feature grid through the ground plane (:mod:`models.camera`): its features
+    then go through the same codec, transport, merge and head as a LiDAR agent's."""
+    camera_reduction: int = Field(8, ge=2)
+    """Stride of the image features w.r.t. the image (a backbone level: 2, 4 or 8)."""
     nms_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
     """Rotated-IoU above which the lower-scoring of two boxes is dropped."""
     peak_window: int = Field(3, ge=1)
@@ -129,7 +137,8 @@ class BevDetector(nn.Module):
 
     def __init__(self, config: DetectorConfig, encoder: PillarEncoder, backbone: nn.Module, refine: nn.Module,
                  head: CenterHead, merge: nn.Module | None, fused_refine: nn.Module | None = None,
-                 fused_head: CenterHead | None = None, hint: HintGain | None = None) -> None:
+                 fused_head: CenterHead | None = None, hint: HintGain | None = None,
+                 camera: CameraBevEncoder | None = None) -> None:
         super().__init__()
         self.config = config
         self.grid: BevGrid = encoder.grid
@@ -141,6 +150,7 @@ class BevDetector(nn.Module):
         self.fused_refine = fused_refine
         self.fused_head = fused_head
         self.hint = hint
+        self.camera = camera
         self.compute_dtype: torch.dtype | None = None  # see set_precision
 
     def set_precision(self, precision: Precision) -> str:
@@ -177,6 +187,28 @@ class BevDetector(nn.Module):
         image = self.encoder(points)
         with self._autocast():
             return self.backbone(image).float()
+
+    @property
+    def feature_grid(self) -> BevGrid:
+        """The grid of the shared feature map: the pillar grid's extent in ``feature_cell_m`` cells."""
+        g = self.grid
+        return BevGrid(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, self.feature_cell_m, g.z_min_m, g.z_max_m)
+
+    def camera_sampling(self, name: str, intrinsic, bev_from_camera, height_px: int, width_px: int) -> GroundSampling:
+        """Where each cell of :attr:`feature_grid` lies in a camera's image (see :func:`models.camera.ground_sampling`)."""
+        return ground_sampling(name, intrinsic, bev_from_camera, self.feature_grid, height_px, width_px)
+
+    def camera_features(self, images: list[torch.Tensor], samplings: list[list[GroundSampling]]) -> torch.Tensor:
+        """Per-agent camera images ``[N_i, H, W, 3]`` uint8 and their samplings -> BEV features ``[B, C, h, w]``,
+        each agent's cameras averaged where several see a cell (float32).
+
+        Raises:
+            ValueError: the detector has no camera backbone (``camera_backbone`` is ``None``).
+        """
+        if self.camera is None:
+            raise ValueError("this detector has no camera path (camera_backbone is not set)")
+        with self._autocast():
+            return torch.stack([self.camera(i, s)[0] for i, s in zip(images, samplings, strict=True)]).float()
 
     def fuse(self, features: torch.Tensor, ego_from_agent: torch.Tensor,
              valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,8 +319,13 @@ def build_detector(config: DetectorConfig) -> BevDetector:
     merge = merge(channels) if merge is not None else None
     hint = config.num_classes if config.fused_hint else 0
     fused_refine, fused_head = refine_and_head(hint) if config.fused_head else (None, None)
+    camera = None
+    if config.camera_backbone is not None:
+        if config.camera_backbone not in list_backbones():
+            raise ValueError(f"unknown camera backbone {config.camera_backbone!r}; known: {', '.join(list_backbones())}")
+        camera = CameraBevEncoder(config.camera_backbone, channels, config.camera_reduction)
     return BevDetector(config, encoder, backbone, refine, head, merge, fused_refine, fused_head,
-                       HintGain(config.num_classes) if config.fused_hint else None)
+                       HintGain(config.num_classes) if config.fused_hint else None, camera)
 
 
 def save_checkpoint(path: Path, detector: BevDetector, **extra) -> None:

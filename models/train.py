@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.cooperative import CoopSample
+from models.cooperative import CoopSample, agent_features
 from models.detector import BevDetector, CheckpointError, load_checkpoint, save_checkpoint
 from models.geometry import (
     invert_se3,
@@ -74,7 +74,14 @@ class OptimConfig(BaseModel):
 
 
 def mirror(sample: CoopSample) -> CoopSample:
-    """The same scene seen in a mirror (y -> -y in every agent's frame)."""
+    """The same scene seen in a mirror (y -> -y in every agent's frame).
+
+    Raises:
+        ValueError: the sample has camera agents (a mirrored camera is not a camera: ``train`` leaves
+            their samples unmirrored).
+    """
+    if sample.camera_agents():
+        raise ValueError("a sample with camera agents cannot be mirrored")
     def flip_boxes(boxes: np.ndarray) -> np.ndarray:
         out = boxes.copy()
         out[:, 1] *= -1
@@ -106,7 +113,12 @@ def rotate_scene(sample: CoopSample, yaw_rad: float, lattice_m: float) -> CoopSa
     points = tuple(transform_points(m, p).astype(np.float32) for m, p in zip(new_from_old, sample.points))
     return CoopSample(points=points, ego_from_agent=np.stack(new_ego_from_agent),
                       gt_boxes=transform_boxes(turn, sample.gt_boxes),
-                      agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(new_from_old, sample.agent_gt_boxes)))
+                      agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(new_from_old, sample.agent_gt_boxes)),
+                      cameras=_moved_cameras(sample, new_from_old))
+
+
+def _moved_cameras(sample: CoopSample, new_from_old: Sequence[np.ndarray]) -> tuple:
+    return tuple(c.moved(m) if c is not None else None for c, m in zip(sample.cameras, new_from_old))
 
 
 def jitter_frames(sample: CoopSample, rng: random.Random, lattice_m: float, yaw_deg: float) -> CoopSample:
@@ -123,7 +135,8 @@ def jitter_frames(sample: CoopSample, rng: random.Random, lattice_m: float, yaw_
     points = tuple(transform_points(m, p).astype(np.float32) for m, p in zip(moves, sample.points))
     ego_from_agent = np.stack([moves[0] @ e @ invert_se3(m) for e, m in zip(sample.ego_from_agent, moves)])
     return CoopSample(points=points, ego_from_agent=ego_from_agent, gt_boxes=transform_boxes(moves[0], sample.gt_boxes),
-                      agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(moves, sample.agent_gt_boxes)))
+                      agent_gt_boxes=tuple(transform_boxes(m, b) for m, b in zip(moves, sample.agent_gt_boxes)),
+                      cameras=_moved_cameras(sample, moves))
 
 
 def _fused_loss(detector: BevDetector, features: torch.Tensor, sample: CoopSample) -> torch.Tensor:
@@ -144,15 +157,15 @@ def sample_loss(detector: BevDetector, sample: CoopSample, fused_weight: float,
     device = next(detector.parameters()).device
     if fused_only:
         with torch.no_grad():
-            features = detector.features([torch.from_numpy(p).to(device) for p in sample.points])
+            features = agent_features(detector, sample)
         fused = _fused_loss(detector, features, sample)
         return {"single": fused.new_zeros(()), "fused": fused, "total": fused}
-    clouds, single_gt = list(sample.points), list(sample.agent_gt_boxes)
-    if early:
-        clouds.append(np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
-                      .astype(np.float32))
+    single_gt = list(sample.agent_gt_boxes)
+    features = agent_features(detector, sample)  # [A, C, h, w]: LiDAR or camera agents
+    if early and not sample.camera_agents():  # the union of all agents' points (there are none from cameras)
+        union = np.concatenate([transform_points(m, p) for m, p in zip(sample.ego_from_agent, sample.points)])
+        features = torch.cat([features, detector.features([torch.from_numpy(union.astype(np.float32)).to(device)])])
         single_gt.append(sample.gt_boxes)
-    features = detector.features([torch.from_numpy(p).to(device) for p in clouds])  # [A(+1), C, h, w]
     single_targets = build_targets(single_gt, [np.zeros(len(b), np.int64) for b in single_gt],
                                    detector.grid, detector.stride, detector.config.num_classes)
     single = compute_loss(detector(features), single_targets.to(device))["total"]
@@ -210,7 +223,7 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
             module.train()
     for step in range(start, config.steps):
         sample = samples[rng.randrange(len(samples))]
-        if rng.random() < config.mirror_probability:
+        if rng.random() < config.mirror_probability and not sample.camera_agents():
             sample = mirror(sample)
         if config.rotate_scene:
             sample = rotate_scene(sample, rng.uniform(-np.pi, np.pi), detector.feature_cell_m)

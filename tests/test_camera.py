@@ -144,3 +144,29 @@ def test_camera_encoders_build_and_run_on_tiny_images(backbone: str) -> None:
     assert unseen.any() and torch.all(bev[:, unseen] == 0) and torch.all(bev[:, ~unseen].abs().sum(0) > 0)
     bev.sum().backward()  # trainable end to end
     assert all(p.grad is not None for p in encoder.image.parameters() if p.requires_grad)
+
+
+def test_camera_agents_train_through_the_same_detector_and_fusion(tmp_path) -> None:
+    from agents.world.crossing import CrossingConfig, CrossingWorld
+    from launch.samples import camera_sample
+    from models.cooperative import agent_features
+    from models.detector import DetectorConfig, build_detector
+    from models.train import OptimConfig, rotate_scene, train
+
+    world = CrossingWorld(CrossingConfig(seed=1, frames=2, cameras=3, people=12, width_px=96, height_px=72))
+    detector = build_detector(DetectorConfig(
+        grid=BevGridConfig(x_min_m=-10.0, x_max_m=10.0, y_min_m=-10.0, y_max_m=10.0, cell_size_m=0.25),
+        feature_reduction=2, feature_channels=8, head_channels=8, camera_backbone="nextvit_tiny", camera_reduction=4))
+    sample = camera_sample(world.frame(1), detector.grid, detector.feature_cell_m, area_half_m=7.0)
+    assert sample.camera_agents() == [0, 1, 2] and all(len(p) == 0 for p in sample.points)
+    assert len(sample.gt_boxes) == 12  # everyone on the plaza is scored
+    assert all(0 < len(b) <= 12 for b in sample.agent_gt_boxes)  # each camera is trained on what it views
+    np.testing.assert_allclose(sample.ego_from_agent, np.eye(4)[None].repeat(3, 0))  # one site frame
+    features = agent_features(detector, sample)
+    assert features.shape == (3, 8, 40, 40)
+    # A turned scene turns the cameras with it (their samplings are computed from the moved calibration).
+    turned = rotate_scene(sample, 0.5, detector.feature_cell_m)
+    assert not np.allclose(turned.cameras[0].bev_from_camera, sample.cameras[0].bev_from_camera)
+    losses = train(detector, [sample], OptimConfig(steps=3, mirror_probability=0.5, early_fusion_loss=True,
+                                                   checkpoint_every=10), tmp_path / "camera.pt")
+    assert len(losses) == 3 and all(np.isfinite(losses))

@@ -18,8 +18,10 @@ def world() -> CrossingWorld:
 def _pixels_per_person(world: CrossingWorld, index: int, agent_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of each person in the pole camera's image, ray cast (not projected): ``[P]`` with everyone
     there, and ``[P]`` with that person alone on the plaza."""
-    camera = world.frame(index).agents[agent_id].cameras[0]
-    world_from_camera = world.world_from_pole[agent_id] @ camera.lidar_from_camera
+    agent = world.frame(index).agents[agent_id]
+    camera = agent.cameras[0]
+    world_from_camera = agent.world_from_lidar @ camera.lidar_from_camera
+    np.testing.assert_allclose(world_from_camera, world.world_from_camera[agent_id])
     rays = sensors.o3d.t.geometry.RaycastingScene.create_rays_pinhole(
         sensors.o3d.core.Tensor(camera.intrinsic), sensors.o3d.core.Tensor(np.linalg.inv(world_from_camera)),
         world.config.width_px, world.config.height_px).numpy().reshape(-1, 6).astype(np.float64)

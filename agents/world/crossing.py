@@ -3,9 +3,11 @@
 A square plaza where streets meet, crossed by people walking between random destinations, seen by
 4–7 calibrated cameras on poles around it, all looking at the plaza from a few metres up, with
 overlapping views. People hide each other from some cameras and not from others: what one camera
-misses another sees. Every pole is a roadside-unit agent with one camera and no LiDAR; its "LiDAR"
-pose is the pole's top, so camera agents fit the same :class:`~agents.frames.AgentFrame` as LiDAR
-agents. Everything follows from the seed.
+misses another sees. Every pole is a roadside-unit agent with one camera and no LiDAR. As the cameras
+of a site are surveyed against one ground plane, each pole reports the site's reference point (the
+plaza's centre, on the ground, axes along the world's) as its pose and its camera's extrinsics
+relative to it: the poles' BEV frames coincide and one grid around the plaza serves them all. Camera
+agents fit the same :class:`~agents.frames.AgentFrame` as LiDAR agents. Everything follows from the seed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pydantic import Field
 from agents.frames import AgentFrame, AgentKind, CameraImage, ObjectClass, ObjectState, SceneFrame
 from agents.world import sensors
 from agents.world.config import _Frozen
-from models.geometry import se3_from_xyz_rpy
 
 PERSON_SIZE = (0.5, 0.6, 1.75)
 """Length, width, height of a person's box (as in the town's traffic)."""
@@ -33,11 +34,11 @@ class CrossingConfig(_Frozen):
     cameras: int = Field(5, ge=1, le=8)
     """Pole cameras around the plaza (the setting has 4–7)."""
     people: int = Field(40, ge=0, le=300)
-    half_size_m: float = Field(8.0, ge=4.0, le=40.0)
+    half_size_m: float = Field(7.0, ge=4.0, le=40.0)
     """People walk in the square of this half size around the plaza's centre."""
-    ring_radius_m: float = Field(14.0, gt=0.0)
+    ring_radius_m: float = Field(12.0, gt=0.0)
     """Poles stand this far from the centre (angles spread evenly, jittered by the seed)."""
-    pole_height_m: float = Field(4.0, gt=0.5, le=30.0)
+    pole_height_m: float = Field(5.0, gt=0.5, le=30.0)
     width_px: int = Field(400, ge=16, le=4096)
     height_px: int = Field(300, ge=16, le=4096)
     horizontal_fov_deg: float = Field(80.0, gt=10.0, lt=170.0)
@@ -58,8 +59,9 @@ def look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
 class CrossingWorld:
     """The crossing scenario of a :class:`CrossingConfig`: ``SceneFrame`` s whose agents are the poles.
 
-    Pole ``k`` is agent ``-(k + 1)`` (a roadside unit): its pose is the pole's top facing the plaza,
-    and its one camera ``camera0`` looks at a point near the centre.
+    Pole ``k`` is agent ``-(k + 1)`` (a roadside unit): its pose is the site's reference point (identity:
+    the world's origin on the ground), and its one camera ``camera0``, on the pole's top, looks at a point
+    near the centre; ``world_from_camera[agent]`` is where it is.
     """
 
     def __init__(self, config: CrossingConfig) -> None:
@@ -68,17 +70,14 @@ class CrossingWorld:
         rng = np.random.default_rng([config.seed, 8])
         self.intrinsic = sensors.pinhole_intrinsic(config.width_px, config.height_px, config.horizontal_fov_deg)
         self.agent_ids = tuple(-(k + 1) for k in range(config.cameras))
-        self.world_from_pole: dict[int, np.ndarray] = {}
-        self.pole_from_camera: dict[int, np.ndarray] = {}
+        self.world_from_camera: dict[int, np.ndarray] = {}
         spread = 2 * np.pi / config.cameras
         for k, agent_id in enumerate(self.agent_ids):
             angle = k * spread + rng.uniform(-0.2, 0.2) * spread
             xy = config.ring_radius_m * np.array([np.cos(angle), np.sin(angle)])
             aim = rng.uniform(-0.25, 0.25, 2) * config.half_size_m  # near the centre, not exactly at it
-            pole = se3_from_xyz_rpy(xy[0], xy[1], config.pole_height_m, 0.0, 0.0, float(np.arctan2(-xy[1], -xy[0])))
-            camera = look_at(np.array([xy[0], xy[1], config.pole_height_m]), np.array([aim[0], aim[1], 0.0]))
-            self.world_from_pole[agent_id] = pole
-            self.pole_from_camera[agent_id] = np.linalg.inv(pole) @ camera
+            self.world_from_camera[agent_id] = look_at(np.array([xy[0], xy[1], config.pole_height_m]),
+                                                       np.array([aim[0], aim[1], 0.0]))
         self.boxes = _walk(config, rng)  # [F, P, 7]
         palette = np.random.default_rng([config.seed, 9])
         self._rgb = 0.15 + 0.7 * palette.random((config.people, 3))
@@ -102,13 +101,13 @@ class CrossingWorld:
                         for i, b in zip(self._ids, boxes, strict=True))
         agents = {}
         for agent_id in self.agent_ids:
-            pole, mount = self.world_from_pole[agent_id], self.pole_from_camera[agent_id]
-            image = sensors.render_camera(scene, pole @ mount, self.intrinsic, self.config.width_px,
+            mount = self.world_from_camera[agent_id]  # the site frame is the world's
+            image = sensors.render_camera(scene, mount, self.intrinsic, self.config.width_px,
                                           self.config.height_px, self._ground_colour)
             camera = CameraImage(name="camera0", image_rgb=image, intrinsic=self.intrinsic.copy(),
                                  lidar_from_camera=mount.copy(), true_lidar_from_camera=mount.copy())
-            agents[agent_id] = AgentFrame(agent_id=agent_id, kind=AgentKind.ROADSIDE_UNIT, world_from_lidar=pole.copy(),
-                                          true_world_from_lidar=pole.copy(), points=np.zeros((0, 4), np.float32),
+            agents[agent_id] = AgentFrame(agent_id=agent_id, kind=AgentKind.ROADSIDE_UNIT, world_from_lidar=np.eye(4),
+                                          true_world_from_lidar=np.eye(4), points=np.zeros((0, 4), np.float32),
                                           cameras=(camera,), objects=objects)
         return SceneFrame(scenario=self.scenario, frame_index=index, timestamp_s=index / self.config.rate_hz,
                           agents=agents)
