@@ -94,14 +94,14 @@ def test_min_points(points: int, min_points: int, seen: bool) -> None:
     assert (stats.ego_visible, stats.union_visible) == (int(seen), int(seen))
 
 
-def test_a_roadside_unit_is_never_the_ego() -> None:
+def test_a_roadside_unit_is_the_ego_only_without_vehicles() -> None:
     frame = scene(agent(-1, 25.0, -8.0, [on_box(CAR_NEAR, 10)], objects=(CAR_NEAR,)),
                   agent(3, 0.0, 0.0, objects=(CAR_NEAR,)))
     assert frame.ego_id == 3
     stats = visibility_stats([frame]).overall
     assert (stats.objects, stats.ego_visible, stats.union_visible) == (1, 0, 1)
-    with pytest.raises(ValueError, match="no vehicle agent"):
-        scene(agent(-1, 0.0, 0.0), agent(-2, 10.0, 0.0)).ego_id
+    # Only roadside units (a crossing watched by pole cameras): unit -1 leads.
+    assert scene(agent(-2, 10.0, 0.0), agent(-1, 0.0, 0.0)).ego_id == -1
 
 
 def test_hits_are_placed_with_the_true_pose() -> None:
