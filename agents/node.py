@@ -32,7 +32,9 @@ from agents.odometry import LidarOdometry, OdometryConfig
 from agents.opv2v import DatasetError, Scenario, read_agent_frame
 from agents.pose import CorrectionRefused, PoseCorrectionConfig, ReportedPose
 from agents.world import SyntheticWorld, WorldConfig
+from agents.world.crossing import CrossingConfig, CrossingWorld
 from models.bev import aligned_bev_frame
+from models.camera import CameraInputError, GroundSampling, check_image
 from models.codec import CodedTile, FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, Precision, load_checkpoint
@@ -84,9 +86,11 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["world", "folder"] = "world"
+    kind: Literal["world", "folder", "crossing"] = "world"
     world: WorldConfig = WorldConfig(camera={"count": 0})
     """The synthetic world (``kind: world``), rendered live for this agent only."""
+    crossing: CrossingConfig = CrossingConfig()
+    """The pole-camera crossing (``kind: crossing``): this agent is one pole, its camera rendered live."""
     folder: Path | None = None
     """An OPV2V-layout scenario folder (``kind: folder``): played at the sensor rate."""
     preload: bool = True
@@ -168,6 +172,10 @@ class AgentNodeConfig(BaseModel):
     registration_scan: ScanConfig = ScanConfig()
     """A thinned copy of the sweep sent every few frames, which the fusion node matches onto the ego's to
     correct this agent's relative pose (off by default: about 4 KB per scan; worth it when poses are noisy)."""
+    sensor: Literal["auto", "lidar", "camera"] = "auto"
+    """What the features come from: ``lidar``, ``camera`` (the agent's images lifted onto the ground plane;
+    the detector needs a camera path), or ``auto``: cameras for an agent that has cameras and no LiDAR
+    points when the detector has a camera path, else LiDAR."""
 
 
 SCAN_BUDGET_SHARE = 0.1
@@ -191,10 +199,10 @@ class FrameSource:
 
     def __init__(self, config: SourceConfig, agent_id: int) -> None:
         self.agent_id = agent_id
-        if config.kind == "world":
-            self._world = SyntheticWorld(config.world)
+        if config.kind in ("world", "crossing"):
+            self._world = SyntheticWorld(config.world) if config.kind == "world" else CrossingWorld(config.crossing)
             if agent_id not in self._world.agent_ids:
-                raise DatasetError(f"agent {agent_id} is not in the world (agents {self._world.agent_ids})")
+                raise DatasetError(f"agent {agent_id} is not in the {config.kind} (agents {self._world.agent_ids})")
             self.count = len(self._world)
         else:
             scenario = Scenario(config.folder, load_images=False)
@@ -228,6 +236,11 @@ class AgentCounters:
     compute_ms: list[float] = field(default_factory=list)
     wire_bytes: list[int] = field(default_factory=list)
     rate_level: int = 0
+    camera_refused: dict[str, int] = field(default_factory=dict)
+    """Per camera: frames of it refused (wrong size or colour layout, a calibration that sees no ground)."""
+    frames_refused: int = 0
+    """Frames not sent because no camera of the agent was usable."""
+    last_camera_error: str = ""
 
 
 class AgentNode:
@@ -267,6 +280,11 @@ class AgentNode:
         self.rate = RateController(config.rate_control, config.rate_hz or 10.0)
         self.pose = ReportedPose(config.pose_correction)
         self.odometry = LidarOdometry(config.odometry) if config.odometry.enabled else None
+        if config.sensor == "camera" and detector.camera is None:
+            raise ValueError(f"agent {config.agent_id}: sensor camera but {config.detector} has no camera path "
+                             "(its camera_backbone is not set)")
+        self._image_size: dict[str, tuple[int, int]] = {}
+        """Per camera, the (height, width) of its first good frame: what its calibration is for."""
         self._stop = asyncio.Event()
         self._link: asyncio.Task | None = None
         # One thread computes every frame: the warm-up's passes then leave that thread's torch and
@@ -322,16 +340,64 @@ class AgentNode:
         for _ in range(WARM_UP_PASSES):
             self._compute_thread.submit(self.compute, 0, time.time_ns()).result()
 
+    def uses_cameras(self, agent: AgentFrame) -> bool:
+        if self.config.sensor != "auto":
+            return self.config.sensor == "camera"
+        return self.detector.camera is not None and bool(agent.cameras) and not len(agent.points)
+
+    def camera_features(self, agent: AgentFrame, bev_from_ground: np.ndarray) -> torch.Tensor | None:
+        """``[1, C, h, w]`` the agent's usable camera images lifted onto its BEV grid, or ``None`` when no
+        camera is usable. A camera whose frame or calibration is refused is counted and left out."""
+        ground_from_lidar = np.eye(4)
+        ground_from_lidar[2, 3] = agent.world_from_lidar[2, 3]  # the ground frame sits under the sensor frame
+        groups: dict[tuple[int, int], tuple[list[np.ndarray], list[GroundSampling]]] = {}
+        for camera in agent.cameras:
+            name = f"{self.config.agent_id}/{camera.name}"
+            try:
+                if camera.image_rgb is None:
+                    raise CameraInputError(f"camera {name!r}: no image")
+                size = self._image_size.get(camera.name)
+                image = check_image(name, camera.image_rgb, *(size or np.shape(camera.image_rgb)[:2]))
+                size = image.shape[:2]
+                sampling = self.detector.camera_sampling(name, camera.intrinsic,
+                                                         bev_from_ground @ ground_from_lidar @ camera.lidar_from_camera,
+                                                         *size)
+            except CameraInputError as err:
+                self.counters.camera_refused[camera.name] = self.counters.camera_refused.get(camera.name, 0) + 1
+                self.counters.last_camera_error = str(err)
+                log.warning("agent %d: frame of %s", self.config.agent_id, err)
+                continue
+            self._image_size.setdefault(camera.name, size)
+            images, samplings = groups.setdefault(size, ([], []))
+            images.append(image)
+            samplings.append(sampling)
+        if not groups:
+            return None
+        lifted, seen = [], []
+        for images, samplings in groups.values():  # cameras of one size go through the backbone together
+            x = torch.from_numpy(np.stack(images)).to(self.device)
+            features, count = self.detector.lift_cameras(x, samplings)
+            lifted.append(features * count)
+            seen.append(count)
+        return (sum(lifted) / sum(seen).clamp(min=1.0))[None]
+
     @torch.no_grad()
-    def compute(self, index: int, capture_time_ns: int) -> FeatureFrame:
-        """Sense frame ``index`` and build its message (runs in a worker thread)."""
+    def compute(self, index: int, capture_time_ns: int) -> FeatureFrame | None:
+        """Sense frame ``index`` and build its message (runs in a worker thread); ``None`` when the frame
+        has nothing usable (every camera refused, counted)."""
         torch.set_num_threads(self.config.threads)
         agent = self.source.frame(index)
         corrected, correction = self.pose.report(index, agent.world_from_lidar)
         agent = dataclasses.replace(agent, world_from_lidar=corrected)
         world_from_bev, bev_from_ground, points = bev_input(agent, self.detector.feature_cell_m)
+        if self.uses_cameras(agent):
+            features = self.camera_features(agent, bev_from_ground)
+            if features is None:
+                self.counters.frames_refused += 1
+                return None
+        else:
+            features = self.detector.features([torch.from_numpy(points).to(self.device)])
         self.pose.remember_frame(index, world_from_bev)
-        features = self.detector.features([torch.from_numpy(points).to(self.device)])
         out = self.detector.infer(features)
         detections = self.detector.decode(out, score_threshold=self.config.score_threshold)[0].cpu().numpy()
         common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
@@ -409,10 +475,11 @@ class AgentNode:
                 message = await asyncio.get_running_loop().run_in_executor(self._compute_thread, self.compute,
                                                                            index, capture_ns)
                 self.counters.compute_ms.append((time.perf_counter() - began) * 1e3)
-                self.counters.wire_bytes.append(message.ByteSize())
                 self.counters.frames_sensed += 1
-                self.uplink.offer(message)
-                last_sent_ns = capture_ns
+                if message is not None:
+                    self.counters.wire_bytes.append(message.ByteSize())
+                    self.uplink.offer(message)
+                    last_sent_ns = capture_ns
                 index += 1
                 if period_ns:  # fell behind the sensor: jump to the newest frame, do not queue
                     newest = (time.time_ns() - start_ns) // period_ns
@@ -436,7 +503,8 @@ class AgentNode:
                 "frame_rate_hz": round(self.rate.frame_rate_hz, 2)}
         return {"agent_id": self.config.agent_id, "transport": self.config.transport, "rate_control": rate,
                 "frames_sensed": c.frames_sensed, "frames_skipped": c.frames_skipped,
-                "frames_rate_skipped": c.frames_rate_skipped,
+                "frames_rate_skipped": c.frames_rate_skipped, "frames_refused": c.frames_refused,
+                "camera_refused": dict(c.camera_refused), "last_camera_error": c.last_camera_error,
                 "precision": self.precision, "compute_ms": _percentiles(c.compute_ms),
                 "bytes_per_frame": float(np.mean(c.wire_bytes)) if c.wire_bytes else 0.0, "rate_level": c.rate_level,
                 "pose_corrections": {"applied": self.pose.applied, "refused": self.pose.refused,

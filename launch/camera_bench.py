@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from agents.world.crossing import CrossingConfig, CrossingWorld
+from fusion.receive import expected_grid as grid_spec
 from launch.console import console, progress
 from launch.samples import camera_sample
 from models.backbones import list_backbones
@@ -29,6 +30,7 @@ from models.cooperative import agent_features, merge_late
 from models.detector import BevDetector, load_checkpoint
 from models.geometry import transform_boxes
 from models.metrics import ModaAccumulator
+from transport.framing import feature_frame
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CAMERA_CHECKPOINT = REPO_ROOT / "models" / "checkpoints" / "camera_crossing.pt"
@@ -75,9 +77,14 @@ def crossing_detections(detector: BevDetector, world: CrossingWorld, codec=None,
             add("fused", keep(fused[:, :8].cpu().numpy().astype(np.float64)))
             if codec is not None:
                 decoded, valid, sizes = [], [], []
+                grid = grid_spec(detector, codec)
                 for k in range(len(features)):
                     frame = codec.encode(features[k:k + 1], codec_level)
-                    sizes.append(sum(len(t.payload) for t in frame.tiles))
+                    wire = feature_frame(agent_id=k, sequence=index, capture_time_ns=index * 200_000_000,
+                                         world_from_agent=sample.ego_from_agent[k], grid=grid, codec_id=codec.codec_id,
+                                         rate_level=codec_level, tiles=frame.tiles,
+                                         tile_count=codec.tile_count(frame.feature_shape)).SerializeToString()
+                    sizes.append(len(wire))  # the message on the wire, framing included (as bench codec counts)
                     f, v, _ = codec.decode(frame, device)
                     decoded.append(f)
                     valid.append(v)

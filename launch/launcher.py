@@ -6,6 +6,9 @@ A launch file (YAML) has up to four parts:
   (the default) it is rendered once into ``cache_dir`` and agents play it back at the sensor
   rate (rendering every agent live costs more CPU than the models); ``source: world`` renders
   each agent's frames live in its own process.
+- ``crossing`` instead of ``world``: the pole-camera crossing (``CrossingConfig`` fields); every pole
+  is a camera agent rendering its own camera live, and fused frames are scored by MODA / MODP of
+  the people in the plaza (detections scoring at least ``moda_threshold``).
 - ``fusion``: the fusion node's settings (``FusionConfig``); omit it to run agents only.
 - ``agents``: ``all`` (one per world agent) or a list of agent settings (``AgentNodeConfig``
   fields), each merged over ``agent_defaults``; omit it to run the fusion node only.
@@ -41,6 +44,7 @@ from rich.live import Live
 from rich.table import Table
 
 from agents import Scenario, SyntheticWorld, WorldConfig, write_scene_frame
+from agents.world.crossing import CrossingConfig, CrossingWorld
 from agents.node import AgentNodeConfig, bev_input
 from fusion.node import FusionConfig
 from launch.config_files import load_config_file
@@ -49,7 +53,7 @@ from launch.record import Recorder
 from launch.samples import coop_sample
 from models.detector import DetectorConfig
 from models.geometry import invert_se3, transform_boxes
-from models.metrics import APAccumulator
+from models.metrics import APAccumulator, ModaAccumulator
 from protos import ContributionStatus, FusedFrame
 from transport import boxes_from_proto, pose_from_proto, subscribe, wait_serving
 
@@ -67,6 +71,12 @@ class LaunchConfig(BaseModel):
     data: Path | None = None
     """Instead of ``world``: an OPV2V-layout scenario folder (a recorded drive, or one ``cpstream world
     generate`` wrote), played by one agent per agent folder at ``rate_hz`` and scored against its labels."""
+    crossing: CrossingConfig | None = None
+    """Instead of ``world``: the pole-camera crossing, one camera agent per pole (each renders its camera
+    live), scored by MODA / MODP of the people in the plaza."""
+    moda_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    """With ``crossing``: a fused detection counts as a person from this score on (``cpstream bench camera``
+    chooses its thresholds on a training crossing; 0.35-0.4 there)."""
     source: Literal["folder", "world"] = "folder"
     cache_dir: Path = Path("out/launch-worlds")
     """Where rendered worlds are kept between runs (relative to the repository root)."""
@@ -103,6 +113,9 @@ class Progress:
     fused: list[FusedFrame] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     ap: APAccumulator = field(default_factory=APAccumulator)
+    moda: ModaAccumulator | None = None
+    """People on the ground plane (a crossing), instead of vehicle AP."""
+    moda_threshold: float = 0.4
     scored: int = 0
     last_slot: int = -1
     per_agent: dict[int, dict] = field(default_factory=dict)
@@ -166,6 +179,17 @@ def ground_truth(folder: Path | None, world: WorldConfig | None, frames: int,
         np.savez(tmp, world_from_ego=np.stack(truth.world_from_ego) if frames else np.zeros((0, 4, 4)),
                  **{f"boxes_{k}": b for k, b in enumerate(truth.boxes)})
         tmp.replace(path)
+    return truth
+
+
+def crossing_truth(crossing: CrossingWorld, frames: int) -> GroundTruth:
+    """The people in the plaza per frame, in the site frame (every pole's BEV frame, and so the ego's)."""
+    half = crossing.config.half_size_m
+    truth = GroundTruth()
+    for index in range(frames):
+        boxes = crossing.boxes[index]
+        truth.boxes.append(boxes[np.all(np.abs(boxes[:, :2]) <= half, axis=1)])
+        truth.world_from_ego.append(np.eye(4))
     return truth
 
 
@@ -264,7 +288,11 @@ def _score(progress_: Progress, fused: FusedFrame, truth: GroundTruth | None, st
     ref_from_ego = invert_se3(pose_from_proto(fused.reference_pose)) @ truth.world_from_ego[index]
     if not np.allclose(ref_from_ego, np.eye(4), atol=1e-6):
         gt = transform_boxes(ref_from_ego, gt)
-    progress_.ap.add_frame(boxes_from_proto(fused.boxes)[:, :8], gt)
+    found = boxes_from_proto(fused.boxes)[:, :8]
+    if progress_.moda is not None:
+        progress_.moda.add_frame(found[found[:, 7] >= progress_.moda_threshold, :2], gt[:, :2])
+    else:
+        progress_.ap.add_frame(found, gt)
     progress_.scored += 1
 
 
@@ -281,11 +309,14 @@ def _table(progress_: Progress, started: float, agents: list[int]) -> Table:
                       f"{link.bytes_received / frames:.0f}" if link and frames else "-",
                       f"{entry['latency_ms']:.0f}" if "latency_ms" in entry else "-",
                       str(link.frames_refused) if link else "-")
-    ap = progress_.ap.result() if progress_.scored else {}
     lat = progress_.latency_ms
+    if progress_.moda is not None:
+        score = "MODA " + (f"{progress_.moda.result()['moda']:.3f}" if progress_.scored else "-")
+    else:
+        ap = progress_.ap.result() if progress_.scored else {}
+        score = "AP@0.5 " + (f"{ap['0.5']:.3f}" if ap else "-")
     table.add_row("fused", f"{len(progress_.fused)} frames", "", "",
-                  f"p50 {np.percentile(lat, 50):.0f}" if lat else "-",
-                  "AP@0.5 " + (f"{ap['0.5']:.3f}" if ap else "-"), style="bold")
+                  f"p50 {np.percentile(lat, 50):.0f}" if lat else "-", score, style="bold")
     return table
 
 
@@ -301,10 +332,11 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     """Run everything the file describes; returns (and writes) the report."""
     if config.fusion is None and not config.agents:
         raise ValueError("the launch file has neither a 'fusion' nor an 'agents' section: nothing to run")
-    if config.world is not None and config.data is not None:
-        raise ValueError("a launch file plays either a 'world' or 'data' (a scenario folder), not both")
-    if config.agents and config.world is None and config.data is None and config.agents == "all":
-        raise ValueError("agents: all needs a 'world' or 'data' section to know the agents")
+    if sum(x is not None for x in (config.world, config.data, config.crossing)) > 1:
+        raise ValueError("a launch file plays one of 'world', 'data' (a scenario folder) or 'crossing', not several")
+    if config.agents and config.world is None and config.data is None and config.crossing is None \
+            and config.agents == "all":
+        raise ValueError("agents: all needs a 'world', 'data' or 'crossing' section to know the agents")
     if record_path is not None and config.fusion is None:  # --record
         raise ValueError("--record needs a 'fusion' section: what is recorded is the fused session")
     folder = world_folder(config) if config.world is not None and config.source == "folder" else None
@@ -313,11 +345,17 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     if config.data is not None:
         folder = _resolve(config.data)
         scenario = Scenario(folder, load_images=False)  # names what is wrong with the folder
-    frames = config.frames or (world.frames if world is not None else len(scenario) if scenario else None)
+    crossing = CrossingWorld(config.crossing) if config.crossing is not None else None
+    frames = config.frames or (world.frames if world is not None else len(scenario) if scenario
+                               else len(crossing) if crossing else None)
     if world is not None and frames > world.frames:
         raise ValueError(f"frames={frames} but the world has {world.frames} (set world.frames too)")
+    if crossing is not None and frames > len(crossing):
+        raise ValueError(f"frames={frames} but the crossing has {len(crossing)} (set crossing.frames too)")
     if config.agents != "all":
         agent_ids = [int(a["agent_id"]) for a in (config.agents or [])]
+    elif crossing is not None:
+        agent_ids = list(crossing.agent_ids)
     else:
         agent_ids = list(scenario.agent_ids) if scenario is not None else list(SyntheticWorld(world).agent_ids)
     if folder is not None:
@@ -326,6 +364,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
     if config.score and (world is not None or scenario is not None) and config.fusion is not None and frames:
         cache = folder.parent if folder is not None and config.data is None else None  # a rendered world's root
         truth = ground_truth(folder, world, frames, _detector_config(config.agent_defaults, config.fusion), cache)
+    elif config.score and crossing is not None and config.fusion is not None and frames:
+        truth = crossing_truth(crossing, frames)
 
     fusion_cfg = dict(config.fusion or {})
     tokens = {int(k): str(v) for k, v in (fusion_cfg.get("tokens") or {}).items()}
@@ -336,7 +376,7 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
 
     run_dir = Path(tempfile.mkdtemp(prefix="cpstream-launch-"))
     children: list[Child] = []
-    progress_ = Progress()
+    progress_ = Progress(moda=ModaAccumulator() if crossing is not None else None, moda_threshold=config.moda_threshold)
     report: dict = {"interrupted": False}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -383,6 +423,8 @@ async def run_launch(config: LaunchConfig, report_path: Path | None, record_path
             if (world is not None or scenario is not None) and "source" not in entry:
                 agent_cfg["source"] = ({"kind": "folder", "folder": str(folder)} if folder is not None
                                        else {"kind": "world", "world": world.model_dump(mode="json")})
+            elif crossing is not None and "source" not in entry:
+                agent_cfg["source"] = {"kind": "crossing", "crossing": crossing.config.model_dump(mode="json")}
             AgentNodeConfig.model_validate(agent_cfg)  # fail here, naming the field, not in a child
             child = await Child.spawn(f"agent{agent_id}", "agent", agent_cfg, run_dir, config.agent_niceness,
                                       config.agent_netns.get(agent_id))
@@ -486,7 +528,7 @@ def _report(config: LaunchConfig, children: list[Child], progress_: Progress, tr
             frames: int | None, agent_ids: list[int]) -> dict:
     reports = {c.name: c.read_report() for c in children}
     fusion_report = reports.get("fusion", {})
-    ap = progress_.ap.result() if progress_.scored else {}
+    ap = progress_.ap.result() if progress_.scored and progress_.moda is None else {}
     agents = {}
     for agent in agent_ids:
         own = reports.get(f"agent{agent}", {})
@@ -499,6 +541,8 @@ def _report(config: LaunchConfig, children: list[Child], progress_: Progress, tr
         "latency_ms": percentiles(progress_.latency_ms),
         "bytes_per_frame": {str(a): agents[str(a)].get("bytes_per_frame") for a in agent_ids},
         "ap": {k: (None if np.isnan(v) else round(v, 4)) for k, v in ap.items()},
+        **({"moda": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in progress_.moda.result().items()},
+            "moda_threshold": progress_.moda_threshold} if progress_.moda is not None and progress_.scored else {}),
         "frames_fused": len([f for f in progress_.fused if any(c.status in USED for c in f.contributions)]),
         "frames_scored": progress_.scored,
         "frames": frames,
@@ -513,7 +557,8 @@ def _report(config: LaunchConfig, children: list[Child], progress_: Progress, tr
 def cmd_launch(args) -> int:
     config = load_launch_config(args.file, args.set)
     report = asyncio.run(run_launch(config, args.report, args.record))
-    summary = {k: report.get(k) for k in ("latency_ms", "bytes_per_frame", "ap", "frames_fused", "interrupted")}
+    summary = {k: report.get(k) for k in ("latency_ms", "bytes_per_frame", "ap", "moda", "frames_fused", "interrupted")
+               if k in report}
     console.print_json(json.dumps(summary))
     bad = {name: code for name, code in report["exit_codes"].items() if code not in (0, -signal.SIGTERM)}
     if report["interrupted"]:

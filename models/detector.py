@@ -210,6 +210,15 @@ class BevDetector(nn.Module):
         with self._autocast():
             return torch.stack([self.camera(i, s)[0] for i, s in zip(images, samplings, strict=True)]).float()
 
+    def lift_cameras(self, images: torch.Tensor, samplings: list[GroundSampling]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One agent's cameras ``[N, H, W, 3]`` uint8 (one size) -> ``[C, h, w]`` BEV features (float32, averaged
+        over the cameras that see each cell) and ``[h, w]`` how many cameras see each cell."""
+        if self.camera is None:
+            raise ValueError("this detector has no camera path (camera_backbone is not set)")
+        with self._autocast():
+            features, seen = self.camera(images, samplings)
+        return features.float(), seen.float()
+
     def fuse(self, features: torch.Tensor, ego_from_agent: torch.Tensor,
              valid: torch.Tensor | None = None) -> torch.Tensor:
         """Agents' features ``[N, C, h, w]`` (index 0 the ego) -> merged ``[1, C, h, w]`` in the ego grid.

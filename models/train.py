@@ -240,7 +240,9 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         losses.append(values["total"])
         if on_step is not None:
             on_step(step + 1, values)
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        if step + 1 == config.steps:  # finished: the weights alone (what is committed), nothing to resume
+            save_checkpoint(checkpoint, detector, step=step + 1)
+        elif (step + 1) % config.checkpoint_every == 0:
             save_checkpoint(checkpoint, detector, step=step + 1, optimiser=optimiser.state_dict(),
                             schedule=schedule.state_dict())
     detector.eval()

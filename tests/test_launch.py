@@ -57,6 +57,28 @@ def test_launch_runs_fusion_and_agents_as_processes_and_reports(tmp_path: Path) 
     assert result["exit_codes"] == {"fusion": 0, "agent0": 0, "agent-1": 0}
 
 
+def test_camera_agents_stream_a_crossing_to_the_fusion_node(tmp_path: Path) -> None:
+    # Two pole cameras (camera-only agents) as processes, their lifted features coded and fused; MODA of people.
+    doc = yaml.safe_load((ROOT / "launch" / "camera-crossing.yaml").read_text())
+    doc.update({"crossing": {"seed": 2, "cameras": 2, "frames": 4}, "rate_hz": 2})
+    path = tmp_path / "crossing.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    report = tmp_path / "report.json"
+    process = _cpstream("launch", str(path), "--report", str(report))
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    result = json.loads(report.read_text())
+    assert result["frames_fused"] >= 3 and result["frames_scored"] == result["frames_fused"]
+    assert result["moda"]["gt"] == 40 * result["frames_scored"]  # everyone on the plaza is scored
+    assert result["moda"]["moda"] > 0.3  # two views of a crowd: wrong calibration or lifting scores below 0
+    for agent in ("-1", "-2"):
+        counters = result["agents"][agent]
+        assert counters["camera_refused"] == {} and counters["frames_refused"] == 0
+        assert 500 < result["bytes_per_frame"][agent] < 20_000  # coded features and the object list
+        assert counters["fusion"]["frames_refused"] == 0
+    assert result["exit_codes"] == {"fusion": 0, "agent-1": 0, "agent-2": 0}
+
+
 def test_ctrl_c_stops_every_child_and_still_writes_the_report(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     process = _cpstream("launch", str(_launch_file(tmp_path, 60)), "--report", str(report),
@@ -100,7 +122,7 @@ def test_config_files_take_the_environment_and_overrides(tmp_path: Path, monkeyp
         apply_sets({}, ["novalue"])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "field-fusion.yaml", "field-agent.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "field-fusion.yaml", "field-agent.yaml", "camera-crossing.yaml"])
 def test_shipped_launch_files_are_valid(name: str, monkeypatch) -> None:
     from launch.launcher import load_launch_config
 

@@ -92,6 +92,18 @@ class CrossingWorld:
 
     def frame(self, index: int) -> SceneFrame:
         """Every pole's image and the people at frame ``index``."""
+        scene, objects = self._scene(index)
+        agents = {agent_id: self._pole(agent_id, scene, objects) for agent_id in self.agent_ids}
+        return SceneFrame(scenario=self.scenario, frame_index=index, timestamp_s=index / self.config.rate_hz,
+                          agents=agents)
+
+    def agent_frame(self, index: int, agent_id: int) -> AgentFrame:
+        """One pole's frame ``index`` (only its camera rendered: what a pole's agent process needs)."""
+        if agent_id not in self.world_from_camera:
+            raise KeyError(f"agent {agent_id} is not a pole of this crossing (poles {list(self.agent_ids)})")
+        return self._pole(agent_id, *self._scene(index))
+
+    def _scene(self, index: int) -> tuple[sensors.Scene, tuple[ObjectState, ...]]:
         if not 0 <= index < len(self):
             raise IndexError(f"frame {index} outside 0..{len(self) - 1}")
         boxes = self.boxes[index]
@@ -99,18 +111,18 @@ class CrossingWorld:
                                     np.full(len(boxes), sensors.PEDESTRIAN), self._ids, self._rgb)
         objects = tuple(ObjectState(object_id=int(i), object_class=ObjectClass.PEDESTRIAN, box_world=b.copy())
                         for i, b in zip(self._ids, boxes, strict=True))
-        agents = {}
-        for agent_id in self.agent_ids:
-            mount = self.world_from_camera[agent_id]  # the site frame is the world's
-            image = sensors.render_camera(scene, mount, self.intrinsic, self.config.width_px,
-                                          self.config.height_px, self._ground_colour)
-            camera = CameraImage(name="camera0", image_rgb=image, intrinsic=self.intrinsic.copy(),
-                                 lidar_from_camera=mount.copy(), true_lidar_from_camera=mount.copy())
-            agents[agent_id] = AgentFrame(agent_id=agent_id, kind=AgentKind.ROADSIDE_UNIT, world_from_lidar=np.eye(4),
-                                          true_world_from_lidar=np.eye(4), points=np.zeros((0, 4), np.float32),
-                                          cameras=(camera,), objects=objects)
-        return SceneFrame(scenario=self.scenario, frame_index=index, timestamp_s=index / self.config.rate_hz,
-                          agents=agents)
+        return scene, objects
+
+    def _pole(self, agent_id: int, scene: sensors.Scene, objects: tuple[ObjectState, ...]) -> AgentFrame:
+        mount = self.world_from_camera[agent_id]  # the site frame is the world's
+        image = sensors.render_camera(scene, mount, self.intrinsic, self.config.width_px,
+                                      self.config.height_px, self._ground_colour)
+        camera = CameraImage(name="camera0", image_rgb=image, intrinsic=self.intrinsic.copy(),
+                             lidar_from_camera=mount.copy(), true_lidar_from_camera=mount.copy())
+        return AgentFrame(agent_id=agent_id, kind=AgentKind.ROADSIDE_UNIT, world_from_lidar=np.eye(4),
+                          true_world_from_lidar=np.eye(4), points=np.zeros((0, 4), np.float32),
+                          cameras=(camera,), objects=objects,
+                          pose_covariance=np.zeros((6, 6)))  # a surveyed pole: its pose is exact, never corrected
 
     def _ground_colour(self, points: np.ndarray) -> np.ndarray:
         """Asphalt with zebra stripes on the four crossings and a paved plaza in the middle."""
