@@ -182,6 +182,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="models: the decoder's peak ratio, 0 to 1 (default: each checkpoint's, 0.5)")
     parser.add_argument("--noise-levels", default="0,0.2,0.4,0.6",
                         help="pose: pose noise levels, metres and degrees alike, comma-separated")
+    parser.add_argument("--camera-agents", type=int, default=2,
+                        help="camera: agents (the last by id) that sense with cameras instead of LiDAR in the "
+                             "town, 0 to skip that setting")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="pose: skip the delayed-agents runs (latency compensation)")
     add_world_options(parser)

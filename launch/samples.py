@@ -47,6 +47,44 @@ def coop_sample(frame: SceneFrame, grid: BevGrid, lattice_m: float,
                       gt_boxes=gt[in_range & seen_by.any(axis=0)], agent_gt_boxes=tuple(agent_gt))
 
 
+def camera_agent_indices(agent_count: int, camera_agents: int) -> list[int]:
+    """Which agents of a sample (index 0 the ego, then the others by id) sense with cameras in the mixed
+    setting: the last ``camera_agents`` (the ego only when every agent does: vehicles with cameras only)."""
+    if not 0 <= camera_agents <= agent_count:
+        raise ValueError(f"camera_agents={camera_agents}: the sample has {agent_count} agents")
+    return list(range(agent_count - camera_agents, agent_count))
+
+
+def mixed_sample(frame: SceneFrame, grid: BevGrid, lattice_m: float, camera_agents: int) -> CoopSample:
+    """:func:`coop_sample` with the last ``camera_agents`` agents (see :func:`camera_agent_indices`) sensing
+    with their cameras instead of their LiDAR: their points are left out and their images and calibrations
+    put in. Ground truth is :func:`coop_sample`'s (vehicles in the ego's grid with a LiDAR point of some
+    agent on them, that agent streaming LiDAR or not), so a run with and without the camera agents is scored
+    on the same objects; a camera agent's own is what its LiDAR would see (its view, occlusion included).
+
+    Raises:
+        ValueError: more camera agents than agents.
+        CameraInputError: a camera agent without cameras, or with a bad image.
+    """
+    base = coop_sample(frame, grid, lattice_m)
+    order = [frame.ego_id] + [a for a in sorted(frame.agents) if a != frame.ego_id]
+    chosen = set(camera_agent_indices(len(order), camera_agents))
+    points, cameras = [], []
+    for k, agent_id in enumerate(order):
+        agent = frame.agents[agent_id]
+        if k not in chosen:
+            points.append(base.points[k])
+            cameras.append(None)
+            continue
+        if not agent.cameras:
+            raise CameraInputError(f"agent {agent_id} is a camera agent but has no cameras (world.camera.count is 0)")
+        _, bev_from_ground = aligned_bev_frame(ground_pose(agent), lattice_m)
+        points.append(np.zeros((0, 4), np.float32))
+        cameras.append(camera_views(agent, bev_from_ground))
+    return CoopSample(points=tuple(points), ego_from_agent=base.ego_from_agent, gt_boxes=base.gt_boxes,
+                      agent_gt_boxes=base.agent_gt_boxes, cameras=tuple(cameras))
+
+
 def camera_views(agent, bev_from_ground: np.ndarray) -> CameraViews:
     """An agent's camera images and calibrations, each camera placed in the agent's BEV frame.
 

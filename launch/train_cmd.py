@@ -15,7 +15,7 @@ from agents import WorldConfig
 from agents.world.crossing import CrossingConfig, CrossingWorld
 from launch.console import console, progress
 from launch.datasets import scene_frames
-from launch.samples import camera_sample, coop_sample
+from launch.samples import camera_sample, coop_sample, mixed_sample
 from models.bev import BevGrid
 from models.cooperative import CoopSample
 from models.detector import DetectorConfig, build_detector
@@ -41,6 +41,9 @@ class TrainDataConfig(BaseModel):
     crossing: CrossingConfig | None = None
     """Train on the pole-camera crossing (:mod:`agents.world.crossing`; its seed replaced per world)
     instead of the town: camera agents, pedestrians within the plaza."""
+    camera_agents: int = Field(0, ge=0)
+    """In every town frame the last this many agents (after the ego, by id) sense with their cameras
+    (``world.camera``) instead of their LiDAR (:func:`launch.samples.mixed_sample`)."""
     agent_counts: list[int] | None = None
     """Agents per world in turn (world k has ``agent_counts[k % len]``), so a fused model sees as
     many agents as it will meet; unset: ``world.agents`` for every world."""
@@ -90,7 +93,7 @@ def crop(sample: CoopSample, grid: BevGrid) -> CoopSample:
         return np.ascontiguousarray(points[z_ok & grid.contains(points)])
 
     return CoopSample(points=tuple(keep(p) for p in sample.points), ego_from_agent=sample.ego_from_agent,
-                      gt_boxes=sample.gt_boxes, agent_gt_boxes=sample.agent_gt_boxes)
+                      gt_boxes=sample.gt_boxes, agent_gt_boxes=sample.agent_gt_boxes, cameras=sample.cameras)
 
 
 def build_samples(data: TrainDataConfig, detector: DetectorConfig) -> list[CoopSample]:
@@ -107,7 +110,9 @@ def build_samples(data: TrainDataConfig, detector: DetectorConfig) -> list[CoopS
             count, frames = scene_frames(folder, world, frame_stride=data.frame_stride)
             bar.update(task, total=(bar.tasks[0].total or 0) + count)
             for frame in frames:
-                samples.append(crop(coop_sample(frame, grid, lattice_m), grid))
+                sample = (mixed_sample(frame, grid, lattice_m, data.camera_agents) if data.camera_agents
+                          else coop_sample(frame, grid, lattice_m))
+                samples.append(crop(sample, grid))
                 bar.advance(task)
     return samples
 
@@ -135,8 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.init_from is not None:  # before the data, so a wrong file fails at once
         source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
         fresh = init_from_checkpoint(detector, source)
-        parts = sorted({"the fused hint's gain" if k.startswith("hint.") else f"the {config.detector.merge} merge"
-                        for k in fresh})
+        parts = sorted({"the fused hint's gain" if k.startswith("hint.") else "the camera path" if k.startswith("camera.")
+                        else f"the {config.detector.merge} merge" for k in fresh})
         console.print(f"starting from {config.init_from} ({len(fresh)} new weights"
                       f"{': ' + ', '.join(parts) if parts else ''})")
     detector = detector.to(device)

@@ -101,36 +101,31 @@ def _to_tensors(points: list[np.ndarray] | tuple[np.ndarray, ...], device: torch
 def detect_sample(detector, sample: CoopSample, mode: str, *, score_threshold: float = 0.1) -> np.ndarray:
     """Boxes ``[K, 8]`` (x, y, z, l, w, h, yaw, score) in the ego ground frame for one fusion mode.
 
-    An agent whose cloud is empty has no evidence and is left out; with no
-    evidence at all the result is empty (never a guess from an empty map).
+    An agent whose cloud is empty and that has no cameras has no evidence and is left out (so are camera
+    agents in ``early``: they have no points to pool); with no evidence at all the result is empty (never
+    a guess from an empty map).
     """
     if mode not in FUSION_MODES:
         raise ValueError(f"unknown fusion mode {mode!r}; expected one of {', '.join(FUSION_MODES)}")
     device = next(detector.parameters()).device
-    sensing = [k for k, p in enumerate(sample.points) if len(p) and (mode != "none" or k == 0)]
+    cameras = set(sample.camera_agents()) if mode != "early" else set()
+    sensing = [k for k, p in enumerate(sample.points) if (len(p) or k in cameras) and (mode != "none" or k == 0)]
     if not sensing:
         return np.zeros((0, 8))
-    points = [sample.points[k] for k in sensing]
     ego_from_agent = sample.ego_from_agent[sensing]
-    if mode == "late":
-        return _late(detector, points, ego_from_agent, device, score_threshold)
     if mode == "early":
-        merged = np.concatenate([transform_points(m, p) for m, p in zip(ego_from_agent, points)])
+        merged = np.concatenate([transform_points(m, sample.points[k]) for m, k in zip(ego_from_agent, sensing)])
         features = detector.features(_to_tensors([merged.astype(np.float32)], device))
     else:
-        features = detector.features(_to_tensors(points, device))
+        features = agent_features(detector, sample, sensing)
+        if mode == "late":
+            per_agent = detector.detect(features, score_threshold=score_threshold)
+            return merge_late([d[:, :8].cpu().numpy().astype(np.float64) for d in per_agent], ego_from_agent,
+                              detector.config.nms_iou_threshold)
         if mode == "intermediate":
             features = detector.fuse(features, torch.as_tensor(ego_from_agent, dtype=torch.float32, device=device))
     dets = detector.detect(features, fused=mode == "intermediate", score_threshold=score_threshold)[0]
     return dets[:, :8].cpu().numpy().astype(np.float64)
-
-
-def _late(detector, points: list[np.ndarray], ego_from_agent: np.ndarray, device: torch.device,
-          score_threshold: float) -> np.ndarray:
-    features = detector.features(_to_tensors(points, device))
-    per_agent = detector.detect(features, score_threshold=score_threshold)
-    return merge_late([d[:, :8].cpu().numpy().astype(np.float64) for d in per_agent], ego_from_agent,
-                      detector.config.nms_iou_threshold)
 
 
 def merge_late(per_agent: list[np.ndarray], ego_from_agent: np.ndarray, nms_iou_threshold: float) -> np.ndarray:

@@ -61,12 +61,14 @@ class OptimConfig(BaseModel):
     """Largest turn of an agent's frame when ``frame_jitter_probability`` moves it (uniform)."""
     early_fusion_loss: bool = True
     """Also train on the ego-frame union of all agents' points (the ``early`` path)."""
-    trains: Literal["all", "merge", "fused"] = "all"
+    trains: Literal["all", "merge", "fused", "camera"] = "all"
     """``all``: every weight on the single-agent, early and fused losses. ``merge``: only the merge
     module, on the fused loss, everything else frozen (a second stage on a trained detector: the
     ``none``/``late``/``early`` paths and the features agents send stay exactly as they were).
     ``fused``: the merge and the fused map's own refinement and head (``detector.fused_head``), on the
-    fused loss; the same second stage with more of the intermediate path to learn."""
+    fused loss; the same second stage with more of the intermediate path to learn. ``camera``: only the
+    camera path (``detector.camera``), on the single-agent and fused losses, everything else frozen: camera
+    agents learn to speak into a trained LiDAR detector's feature space, which LiDAR agents keep unchanged."""
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     threads: int = Field(0, ge=0)
@@ -181,6 +183,10 @@ def trained_modules(detector: BevDetector, trains: str) -> list[torch.nn.Module]
     """
     if trains == "all":
         return [detector]
+    if trains == "camera":
+        if detector.camera is None:
+            raise ValueError("trains: camera needs a detector with a camera path (detector.camera_backbone)")
+        return [detector.camera]
     if detector.merge is None or not list(detector.merge.parameters()):
         raise ValueError(f"trains: {trains} needs a detector whose merge has weights (merge: attention or context)")
     if trains == "merge":
@@ -230,7 +236,7 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
         if config.frame_jitter_probability and rng.random() < config.frame_jitter_probability:
             sample = jitter_frames(sample, rng, detector.feature_cell_m, config.frame_jitter_yaw_deg)
         parts = sample_loss(detector, sample, config.fused_loss_weight, early=config.early_fusion_loss,
-                            fused_only=base_frozen)
+                            fused_only=base_frozen and config.trains != "camera")
         optimiser.zero_grad(set_to_none=True)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_(trained, 10.0)
@@ -251,7 +257,7 @@ def train(detector: BevDetector, samples: Sequence[CoopSample], config: OptimCon
     return losses
 
 
-_STAGE_FIELDS = {"merge", "fused_head", "fused_hint", "peak_window", "peak_ratio"}
+_STAGE_FIELDS = {"merge", "fused_head", "fused_hint", "peak_window", "peak_ratio", "camera_backbone", "camera_reduction"}
 """Config fields a second stage may change relative to the detector it starts from."""
 
 
@@ -288,7 +294,7 @@ def init_from_checkpoint(detector: BevDetector, path: Path) -> list[str]:
             state[key] = torch.cat([value, value.new_zeros(value.shape[0], wanted.shape[1] - value.shape[1],
                                                            *value.shape[2:])], dim=1)  # the hint's new inputs
     result = detector.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("merge.", "hint."))]
+    missing = [k for k in result.missing_keys if not k.startswith(("merge.", "hint.", "camera."))]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {', '.join(missing[:4])}")
     return list(result.missing_keys)

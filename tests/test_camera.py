@@ -170,3 +170,49 @@ def test_camera_agents_train_through_the_same_detector_and_fusion(tmp_path) -> N
     losses = train(detector, [sample], OptimConfig(steps=3, mirror_probability=0.5, early_fusion_loss=True,
                                                    checkpoint_every=10), tmp_path / "camera.pt")
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def _tiny_town_frame(agents: int = 3):
+    from agents.world import SyntheticWorld, WorldConfig
+
+    world = SyntheticWorld(WorldConfig(seed=5, agents=agents, frames=1,
+                                       camera={"count": 2, "width_px": 64, "height_px": 48}))
+    return world.frame(0)
+
+
+def test_mixed_samples_swap_the_last_agents_lidar_for_their_cameras() -> None:
+    from launch.samples import coop_sample, mixed_sample
+
+    frame = _tiny_town_frame()
+    grid = BevGridConfig(x_min_m=-20.0, x_max_m=20.0, y_min_m=-20.0, y_max_m=20.0, cell_size_m=0.5).build()
+    full = coop_sample(frame, grid, 1.0)
+    mixed = mixed_sample(frame, grid, 1.0, 1)
+    assert mixed.camera_agents() == [2] and len(mixed.points[2]) == 0 and mixed.cameras[2].images.shape == (2, 48, 64, 3)
+    for k in (0, 1):
+        np.testing.assert_array_equal(mixed.points[k], full.points[k])
+    # Scored on the same objects with or without the camera agent's LiDAR; its own are what its LiDAR sees.
+    np.testing.assert_array_equal(mixed.gt_boxes, full.gt_boxes)
+    for own, expected in zip(mixed.agent_gt_boxes, full.agent_gt_boxes, strict=True):
+        np.testing.assert_array_equal(own, expected)
+    assert mixed_sample(frame, grid, 1.0, 3).camera_agents() == [0, 1, 2]  # vehicles with cameras only
+    with pytest.raises(ValueError, match="camera_agents=4"):
+        mixed_sample(frame, grid, 1.0, 4)
+
+
+def test_training_only_the_camera_path_leaves_the_lidar_detector_as_it_was(tmp_path) -> None:
+    from launch.samples import mixed_sample
+    from models.detector import DetectorConfig, build_detector
+    from models.train import OptimConfig, train
+
+    torch.manual_seed(0)
+    detector = build_detector(DetectorConfig(
+        grid=BevGridConfig(x_min_m=-20.0, x_max_m=20.0, y_min_m=-20.0, y_max_m=20.0, cell_size_m=0.5),
+        feature_channels=8, head_channels=8, camera_backbone="mobiledet_tiny", camera_reduction=8))
+    sample = mixed_sample(_tiny_town_frame(), detector.grid, detector.feature_cell_m, 1)
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    train(detector, [sample], OptimConfig(steps=3, trains="camera", mirror_probability=0.0, early_fusion_loss=False,
+                                          checkpoint_every=10), tmp_path / "mixed.pt")
+    after = detector.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("camera.") for k in changed)
+    assert any(k.startswith("camera.") and k.endswith("weight") for k in changed)  # it did learn
