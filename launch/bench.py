@@ -155,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--data", type=Path, help="OPV2V-layout folder instead of a synthetic world (fusion, codec)")
     parser.add_argument("--plot", type=Path, help="write a PNG of the result (codec: AP against bytes)")
-    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec, pose: default mobiledet_tiny; camera: camera_crossing)")
+    parser.add_argument("--checkpoint", type=Path, help="detector weights (codec: default mobiledet_tiny; pose: mobiledet_tiny_jitter; camera: camera_crossing)")
     parser.add_argument("--codec", type=Path, help="codec weights (codec; default: the one trained for the detector)")
     parser.add_argument("--counts", default="2,4,8,16", help="scale: agent counts to run, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="scale: seconds of streaming per agent count")
