@@ -13,13 +13,20 @@ DEMO_DIR ?= out/demo
 setup: $(STAMP)
 
 # open3d needs the system library libusb-1.0-0. The real packet-loss tests and `cpstream bench loss`
-# need nftables (`nft`); without it (or without root) they are skipped with the reason.
+# need nftables (`nft`); without it (or without root) they are skipped with the reason. The video chat
+# test drives Debian's Chromium (skipped, with the reason, without it).
 system-deps:
 	@if ! command -v nft >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing nftables (real packet loss for the loss tests and bench)"; \
 	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null 2>&1 || \
 	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null 2>&1)) || \
 	  echo "warning: could not install nftables; the real packet-loss tests will be skipped"; \
+	fi
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium (the video chat test drives the real page in headless Chromium)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+	  echo "warning: could not install chromium; the browser chat test will be skipped"; \
 	fi
 	@if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

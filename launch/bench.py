@@ -131,6 +131,13 @@ def bench_loss(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def bench_chat(args: argparse.Namespace) -> dict:
+    """The video chat: what the model reads under real UDP loss; bitrate saved by context-aware encoding."""
+    from launch.chat_loss_bench import bench_chat as run
+
+    return run(args)
+
+
 def bench_camera(args: argparse.Namespace) -> dict:
     """MODA / MODP of pedestrians at a pole-camera crossing: the best single camera against all fused."""
     from launch.camera_bench import bench_camera as run
@@ -139,7 +146,7 @@ def bench_camera(args: argparse.Namespace) -> dict:
 
 
 BENCHES = {"world": bench_world, "models": bench_models, "fusion": bench_fusion, "codec": bench_codec,
-           "scale": bench_scale, "loss": bench_loss, "pose": bench_pose, "camera": bench_camera}
+           "scale": bench_scale, "loss": bench_loss, "pose": bench_pose, "camera": bench_camera, "chat": bench_chat}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -185,6 +192,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--camera-agents", type=int, default=2,
                         help="camera: agents (the last by id) that sense with cameras instead of LiDAR in the "
                              "town, 0 to skip that setting")
+    parser.add_argument("--chat-losses", default="0,10,20,30",
+                        help="chat: UDP loss percentages for the video chat, comma-separated ('' skips them)")
+    parser.add_argument("--sample-fps", type=float, default=2.0, help="chat: frames per second the model reads")
+    parser.add_argument("--chat-max-age-ms", dest="max_age_ms_chat", type=float, default=300.0,
+                        help="chat: a sampled frame older than this is replaced by the last good one")
+    parser.add_argument("--send-fps", type=float, help="chat: frame rate the server asks of the sender "
+                        "(default: 3 per sample, 5 at least)")
+    parser.add_argument("--no-bitrate", action="store_true", help="chat: skip the context-aware bitrate part")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="pose: skip the delayed-agents runs (latency compensation)")
     add_world_options(parser)

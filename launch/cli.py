@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 from rich.markup import escape
 
-from launch import allocator, bench, codec_cmd, eval_cmd, launcher, node_cmd, replay_cmd, train_cmd, world_cmd
+from launch import allocator, bench, chat_cmd, codec_cmd, eval_cmd, launcher, node_cmd, replay_cmd, train_cmd, world_cmd
 from launch.console import console, setup_logging
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.register(sub)
     node_cmd.register(sub)
     replay_cmd.register(sub)
+    chat_cmd.register(sub)
     return parser
 
 
