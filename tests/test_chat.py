@@ -122,7 +122,7 @@ def topology() -> Iterator[NetnsTopology]:
 
 
 def _start_server_and_llm(topology: NetnsTopology, tmp_path: Path, *, llm_port: int = 8000,
-                          fake_args: tuple[str, ...] = ()) -> tuple[Child, Child, str]:
+                          fake_args: tuple[str, ...] = (), chat_args: tuple[str, ...] = ()) -> tuple[Child, Child, str]:
     cpstream = [sys.executable, "-m", "launch.cli"]
     hub = topology.exec_prefix(topology.hub)
     llm = Child(hub + cpstream + ["fake-llm", "--port", str(llm_port), "--record", str(tmp_path / "llm.jsonl"),
@@ -130,9 +130,29 @@ def _start_server_and_llm(topology: NetnsTopology, tmp_path: Path, *, llm_port: 
     llm.expect("fake-llm:")
     server = Child(hub + cpstream + ["chat", "--llm-url", "http://127.0.0.1:8000/v1", "--model", "fake-vlm",
                                      "--host", topology.hub_address(0), "--port", "8080",
-                                     "--report", str(tmp_path / "chat.json")], tmp_path / "chat.err")
+                                     "--report", str(tmp_path / "chat.json"), *chat_args], tmp_path / "chat.err")
     server.expect("chat:")
     return llm, server, f"http://{topology.hub_address(0)}:8080"
+
+
+# A page that offers a video transceiver without a camera track: the server's error reaches it on the channel.
+SILENT_PAGE = """async (url) => {
+  const pc = new RTCPeerConnection({iceServers: []});
+  pc.addTransceiver("video", {direction: "sendonly"});
+  const channel = pc.createDataChannel("chat");
+  const error = new Promise((resolve) => { channel.onmessage = (e) => {
+    const m = JSON.parse(e.data); if (m.type === "error") resolve(m.message); }; });
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === "complete") resolve(); };
+  });
+  const reply = await fetch(url + "/offer", {method: "POST",
+    body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer"})});
+  await pc.setRemoteDescription(await reply.json());
+  const timeout = new Promise((resolve) => setTimeout(() => resolve("no error message within 20 s"), 20000));
+  return await Promise.race([error, timeout]);
+}"""
 
 
 @pytest.mark.e2e
@@ -141,7 +161,7 @@ def test_headless_chromium_streams_its_camera_and_the_page_shows_the_models_answ
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed (Debian's chromium package; `make test` installs it as root)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package drives Chromium")
-    llm, server, url = _start_server_and_llm(topology, tmp_path)
+    llm, server, url = _start_server_and_llm(topology, tmp_path, chat_args=("--first-frame-timeout-s", "3"))
     wrapper = tmp_path / "chromium-in-netns"  # Chromium runs in the remote namespace, talking to Playwright on pipes
     wrapper.write_text(f"#!/bin/sh\nexec {' '.join(topology.exec_prefix(topology.remote(0)))} {CHROMIUM} \"$@\"\n")
     wrapper.chmod(0o755)
@@ -156,6 +176,10 @@ def test_headless_chromium_streams_its_camera_and_the_page_shows_the_models_answ
                 page.wait_for_selector("#question:not([disabled])", timeout=30_000)  # the data channel is open
                 page.wait_for_function("document.getElementById('status').textContent.includes('frames decoded')",
                                        timeout=30_000)  # the server decodes the camera's frames
+                # Meanwhile another page offers video but never sends a frame: it is told, and this one goes on.
+                silent = browser.new_page()
+                silent.goto(url + "/status")  # same origin as /offer, and no camera
+                silent_error = silent.evaluate(SILENT_PAGE, url)
                 page.fill("#question", "what do you see?")
                 page.click("#ask")
                 page.wait_for_selector(".answer[data-done='1']", timeout=30_000)
@@ -170,6 +194,8 @@ def test_headless_chromium_streams_its_camera_and_the_page_shows_the_models_answ
     assert "You asked: what do you see?" in answer and answer.startswith("model: I see 2 images (640x480, 640x480).")
     assert seen.startswith("data:image/jpeg;base64,")
     assert errors.strip() == ""
+    assert silent_error.startswith("no video received in 3 s (no frame decoded)")
+    assert json.loads((tmp_path / "chat.json").read_text())["no_video"] == 1
     requests = [json.loads(line) for line in (tmp_path / "llm.jsonl").read_text().splitlines()]
     assert len(requests) == 1 and requests[0]["model"] == "fake-vlm"
     assert requests[0]["question"] == "what do you see?"
