@@ -35,6 +35,13 @@ class MarkerJitterBuffer(JitterBuffer):
     marked one are all in and share a timestamp, they are the whole frame. Otherwise aiortc's own rule applies.
     """
 
+    last_packet: tuple[float, int, bool] | None = None
+    """(``time.monotonic()``, sequence number, marker bit) of the newest packet added."""
+
+    def add(self, packet) -> tuple[bool, JitterFrame | None]:
+        self.last_packet = (time.monotonic(), packet.sequence_number, bool(packet.marker))
+        return super().add(packet)
+
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         packets = []
         for count in range(self.capacity):
@@ -46,6 +53,48 @@ class MarkerJitterBuffer(JitterBuffer):
                 self.remove(count + 1)
                 return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
         return super()._remove_frame(sequence_number)
+
+
+NACK_REPEAT_S = 0.02
+"""How often :func:`repeat_nacks` asks again for the packets still missing."""
+TAIL_SILENCE_S = 0.03
+"""A frame whose last packet (marker) is this overdue after its newest one: ask for the next two packets."""
+
+
+async def repeat_nacks(receiver) -> None:
+    """Ask the sender again, every :data:`NACK_REPEAT_S`, for the packets still missing, and for a frame's last
+    packets when they are overdue; runs until cancelled or the connection closes.
+
+    aiortc 1.16 sends a NACK only when a *new* gap appears. When that NACK or its retransmission is lost, the hole
+    stays until another packet is lost, and a frame whose last packet was lost is noticed only when the next frame
+    starts; frames are decoded in order, so every later frame waits behind the hole. Measured under 20 % loss both
+    ways at 6 fps: retransmissions came 167 ms (a frame period) or several periods late, and the frames the model
+    read were 254 ms old (median) and 0.7-1.0 s (p99); repeating the NACKs: 86 ms and 253 ms. A sender
+    retransmits only packets it holds, so asking for one it never sent costs one small RTCP packet. The NACK
+    names the media stream's SSRC, not its retransmission (RTX) stream's. Reaches into aiortc's private receiver
+    state, like :func:`release_frames_on_marker`.
+    """
+    generator = getattr(receiver, "_RTCRtpReceiver__nack_generator", None)
+    buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    active = getattr(receiver, "_RTCRtpReceiver__active_ssrc", None)
+    rtx = getattr(receiver, "_RTCRtpReceiver__rtx_ssrc", None)
+    if generator is None or not isinstance(buffer, MarkerJitterBuffer) or active is None or rtx is None:
+        log.warning("aiortc's receiver state is not where expected: lost packets are asked for once only")
+        return
+    while True:
+        await asyncio.sleep(NACK_REPEAT_S)
+        media = [ssrc for ssrc in active if ssrc not in rtx]
+        if not media or buffer.last_packet is None or generator.max_seq is None:
+            continue
+        lost = set(generator.missing)
+        arrived, sequence, marker = buffer.last_packet
+        if not marker and sequence == generator.max_seq and time.monotonic() - arrived > TAIL_SILENCE_S:
+            lost |= {(sequence + 1) & 0xFFFF, (sequence + 2) & 0xFFFF}
+        if lost:
+            try:
+                await receiver._send_rtcp_nack(media[-1], sorted(lost))
+            except ConnectionError:
+                return
 
 
 def release_frames_on_marker(receiver) -> bool:

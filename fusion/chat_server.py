@@ -35,7 +35,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InvalidAccessError, InvalidStateError
 
-from fusion.chat_frames import FrameSampler, NewestFrame, Sample, release_frames_on_marker
+from fusion.chat_frames import FrameSampler, NewestFrame, Sample, release_frames_on_marker, repeat_nacks
 from fusion.llm_client import LlmClient, LlmConfig, LlmError, jpeg_data_url
 from transport import timecode
 from transport.video_regions import rate_message, regions_message
@@ -116,8 +116,8 @@ class Conversation:
             return
         self._has_video = True
         for receiver in self.pc.getReceivers():
-            if receiver.track is track:
-                release_frames_on_marker(receiver)
+            if receiver.track is track and release_frames_on_marker(receiver):
+                self.spawn(repeat_nacks(receiver))
         self.frames.start(track)
         self.spawn(self._sample_loop())
 

@@ -247,3 +247,24 @@ def test_a_timecode_survives_lossy_coding_and_a_frame_without_one_reads_none() -
     assert timecode.read(cv2.imdecode(jpeg, cv2.IMREAD_COLOR)) == 1_764_000_000_123_000_000  # to the millisecond
     with pytest.raises(ValueError, match="at least 400 px wide"):
         timecode.stamp(np.zeros((100, 100, 3), np.uint8), 0)
+
+
+def test_a_video_frame_goes_to_the_decoder_when_its_last_packet_is_in_not_a_frame_later() -> None:
+    from aiortc.rtp import RtpPacket
+
+    from fusion.chat_frames import MarkerJitterBuffer
+
+    def packet(sequence: int, timestamp: int, marker: bool) -> RtpPacket:
+        p = RtpPacket(payload_type=96, sequence_number=sequence, timestamp=timestamp, marker=int(marker))
+        p._data = bytes([sequence])
+        return p
+
+    buffer = MarkerJitterBuffer(capacity=512, is_video=True)
+    assert buffer.add(packet(10, 100, False))[1] is None
+    frame = buffer.add(packet(11, 100, True))[1]  # aiortc's own rule would wait for packet 12 (the next frame)
+    assert frame is not None and frame.data == bytes([10, 11]) and frame.timestamp == 100
+    assert buffer.add(packet(12, 200, False))[1] is None
+    assert buffer.add(packet(14, 200, True))[1] is None  # packet 13 is missing: the frame is not whole
+    assert buffer.last_packet[1:] == (14, True)
+    late = buffer.add(packet(13, 200, False))[1]  # its retransmission arrives
+    assert late is not None and late.data == bytes([12, 13, 14])
