@@ -268,3 +268,22 @@ def test_a_video_frame_goes_to_the_decoder_when_its_last_packet_is_in_not_a_fram
     assert buffer.last_packet[1:] == (14, True)
     late = buffer.add(packet(13, 200, False))[1]  # its retransmission arrives
     assert late is not None and late.data == bytes([12, 13, 14])
+
+
+def test_the_python_sender_reads_a_video_file_in_a_loop_and_names_a_source_it_cannot_open(tmp_path: Path) -> None:
+    import cv2
+
+    from agents.chat_sender import FrameSource, SenderError
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for value in (40, 200):
+        writer.write(np.full((120, 160, 3), value, np.uint8))
+    writer.release()
+    source = FrameSource(str(path), width=320, height=240)
+    frames = [source.read() for _ in range(3)]  # two frames, then the first again
+    source.close()
+    assert all(f.shape == (240, 320, 3) and f.dtype == np.uint8 for f in frames)
+    assert [round(float(f.mean()) / 10) for f in frames] == [4, 20, 4]
+    with pytest.raises(SenderError, match="cannot open the video source 'missing.mp4'"):
+        FrameSource("missing.mp4")
