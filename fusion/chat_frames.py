@@ -183,17 +183,7 @@ class NewestFrame:
 
     async def wait_first(self, timeout_s: float) -> bool:
         """Wait until a frame has been decoded (``True``) or ``timeout_s`` passed or the track ended."""
-        deadline = time.monotonic() + timeout_s
-        while self.newest is None and self.ended is None:
-            self._changed.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                return False
-        return self.newest is not None
+        return await self.wait_newer(-1, timeout_s)
 
     async def wait_newer(self, index: int, timeout_s: float) -> bool:
         """Wait until a frame after frame ``index`` has been decoded (``True``), or ``timeout_s`` passed."""
