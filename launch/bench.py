@@ -199,6 +199,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="chat: a sampled frame older than this is replaced by the last good one")
     parser.add_argument("--send-fps", type=float, help="chat: frame rate the server asks of the sender "
                         "(default: 3 per sample, 5 at least)")
+    parser.add_argument("--video", type=Path, help="chat: a recording to measure the bitrate on (default: a "
+                        "synthetic clip of --seed)")
     parser.add_argument("--no-bitrate", action="store_true", help="chat: skip the context-aware bitrate part")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="pose: skip the delayed-agents runs (latency compensation)")

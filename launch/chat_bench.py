@@ -10,16 +10,13 @@ needed to reach one in-region PSNR is interpolated in log-bitrate, and the savin
 The default clip is **synthetic** (:func:`synthetic_call_clip`): a noise-textured room swaying
 slowly, a drawn face-like figure, a card with printed text and a hand holding a mug. It is
 deterministic and needs no files, but its texture statistics are not a camera's; real
-figures need a real recording: ``python -m launch.chat_bench --video FILE``.
+figures need a real recording: ``cpstream bench chat --video FILE``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import time
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -206,13 +203,13 @@ def pick_regions(frames: Sequence[np.ndarray], question: str, pick_every: int,
 
 
 def bitrate_bench(frames: list[np.ndarray] | None = None, *, seed: int = 0,
-                  crf_values: Sequence[int] = DEFAULT_QUANTIZERS, codec: str = "libvpx", outside: str = "blur",
+                  quantizers: Sequence[int] = DEFAULT_QUANTIZERS, codec: str = "libvpx", outside: str = "blur",
                   question: str = DEFAULT_QUESTION, pick_every: int = 15, strength: int | None = None) -> dict:
     """Uniform against context-prefiltered VP8 on one clip; see the module docstring.
 
     Args:
         frames: RGB ``[H, W, 3]`` uint8 frames; None: :func:`synthetic_call_clip` with ``seed``.
-        crf_values: the quality settings swept: VP8 fixed quantizers (0..63; libvpx's ``crf``
+        quantizers: the quality settings swept: VP8 fixed quantizers (0..63; libvpx's ``crf``
             needs a bitrate cap in VP8, so a fixed quantizer is the clean equal-setting knob).
         outside: :func:`transport.video_regions.prefilter` mode.
 
@@ -226,7 +223,7 @@ def bitrate_bench(frames: list[np.ndarray] | None = None, *, seed: int = 0,
     masks = [region_mask(f.shape, r, margin=0.0) for f, r in zip(frames, regions)]
     filtered = [prefilter(f, r, outside=outside, strength=strength) for f, r in zip(frames, regions)]
     curves: dict[str, list[dict]] = {"uniform": [], "context": []}
-    for quantizer in crf_values:
+    for quantizer in quantizers:
         for name, clip in (("uniform", frames), ("context", filtered)):
             n_bytes, decoded = encode_vp8(clip, quantizer, codec)
             h, w = decoded[0].shape[:2]
@@ -236,22 +233,3 @@ def bitrate_bench(frames: list[np.ndarray] | None = None, *, seed: int = 0,
     return {**curves, "saving_at_equal_psnr": saving_at_equal_psnr(curves["uniform"], curves["context"]),
             "region_share": round(float(np.mean([m.mean() for m in masks])), 3), "frames": len(frames),
             "size": [width, height], "reasons": sorted(set(reasons))}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m launch.chat_bench [--video FILE]``: print the bench's JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video", help="a real recording to measure (default: the synthetic clip)")
-    parser.add_argument("--max-frames", type=int, default=150)
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--outside", choices=("blur", "downsample"), default="blur")
-    args = parser.parse_args(argv)
-    frames = read_video(args.video, args.max_frames) if args.video else None
-    started = time.perf_counter()
-    result = bitrate_bench(frames, outside=args.outside, question=args.question)
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result, indent=1))  # noqa: T201 -- the command's output
-
-
-if __name__ == "__main__":
-    main()

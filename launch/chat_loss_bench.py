@@ -10,7 +10,8 @@ nftables drops ``N`` % of the packets on the link both ways, and the server's sa
 what the model reads from capture (p50/p99, substituted samples included: their age grows), frames decoded per
 second, and the real drop share from the nftables counters. Sender and server share this machine's clock.
 
-Bitrate: :func:`launch.chat_bench.bitrate_bench` (see there).
+Bitrate: :func:`launch.chat_bench.bitrate_bench` (see there) on ``--video FILE`` (its first ``--frames``, 150 by
+default) or the synthetic clip of ``--seed``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fusion.chat_frames import percentiles
 from launch.console import console
 from transport.impair import NetnsTopology, impairment_unavailable
 
@@ -30,13 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECT_TIMEOUT_S = 60.0
 WARMUP_S = 1.0
 """Seconds after the loss goes on before samples count (the jitter buffer settles into the new regime)."""
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -103,8 +98,7 @@ def _level(loss_pct: float, args: argparse.Namespace, work: Path) -> dict:
     return {"loss_pct": loss_pct, "seconds": round(seconds, 1), "samples_per_s": round(len(window) / seconds, 2),
             "fresh_per_s": round(len(fresh) / seconds, 2),
             "substituted_share": round(1 - len(fresh) / len(window), 3) if window else None,
-            "age_ms": {"p50": _pct(ages, 0.5), "p99": _pct(ages, 0.99)},
-            "fresh_age_ms": {"p50": _pct(fresh_ages, 0.5), "p99": _pct(fresh_ages, 0.99)},
+            "age_ms": percentiles(ages), "fresh_age_ms": percentiles(fresh_ages),
             "unread_timecodes": len(window) - len(ages), "decoded_fps": round(decoded, 2),
             "measured_drop_share": round((up.get("dropped", 0) + down.get("dropped", 0)) / seen, 3) if seen else 0.0}
 
@@ -129,8 +123,10 @@ def bench_chat(args: argparse.Namespace) -> dict:
                               highlight=False)
         out["loss"] = {"sample_fps": args.sample_fps, "send_fps": args.send_fps, "max_age_ms": args.max_age_ms_chat, "runs": runs}
     if not args.no_bitrate:
-        from launch.chat_bench import bitrate_bench
+        from launch.chat_bench import bitrate_bench, read_video
 
-        console.print("[bold]bitrate[/bold]: uniform against context-aware encoding ...", highlight=False)
-        out["bitrate"] = bitrate_bench()
+        clip = f"the video {args.video}" if args.video else f"the synthetic clip, seed {args.seed or 0}"
+        console.print(f"[bold]bitrate[/bold]: uniform against context-aware encoding of {clip} ...", highlight=False)
+        frames = read_video(str(args.video), args.frames or 150) if args.video else None
+        out["bitrate"] = {"clip": clip, **bitrate_bench(frames, seed=args.seed or 0)}
     return out

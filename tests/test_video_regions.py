@@ -133,7 +133,7 @@ def test_picker_is_fast(picker):
 
 def test_small_bitrate_bench_saves_bits():
     frames = synthetic_call_clip(n_frames=12, size=(640, 480))  # at 320x240 the card text is too small to find
-    result = bitrate_bench(frames, crf_values=(12, 32), question="what does the card say?", pick_every=6)
+    result = bitrate_bench(frames, quantizers=(12, 32), question="what does the card say?", pick_every=6)
     assert result["frames"] == 12 and result["size"] == [640, 480]
     assert 0.0 < result["region_share"] < 0.5
     for name in ("uniform", "context"):
