@@ -161,7 +161,7 @@ class ChatSender:
         kind = message.get("type") if isinstance(message, dict) else None
         if kind in ("regions", "rate"):
             try:
-                hint = parse_control(data if isinstance(data, str) else data.decode())
+                hint = parse_control(data)
             except ValueError as err:
                 self.errors.append(f"bad {kind} message from the server: {err}")
                 return

@@ -97,7 +97,6 @@ class Conversation:
         self.history: list[dict] = []
         self.question = ""
         self.requested_fps: float | None = None
-        self.errors: list[str] = []
         self._tasks: set[asyncio.Task] = set()
         self._answering: asyncio.Task | None = None
         self._answers = 0
@@ -146,7 +145,6 @@ class Conversation:
 
     def error(self, message: str) -> None:
         log.warning("conversation %d: %s", self.number, message)
-        self.errors.append(message)
         self.send({"type": "error", "message": message})
 
     def _on_message(self, data: str | bytes) -> None:
