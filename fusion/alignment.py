@@ -27,12 +27,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.geometry import invert_se3, planar, transform_boxes, transform_points, wrap_angle_rad
+from models.pose_filter import (CHI2_3DOF_999, QUARTER_TURN, FilteredPose, FilterConfig, PlanarSigma,  # noqa: F401
+                                PoseFilter, correction_matrix, planar_error)  # (some re-exported)
 
 log = logging.getLogger(__name__)
 
-_J = np.array([[0.0, -1.0], [1.0, 0.0]])  # a quarter turn: d(R p)/d(theta) = J R p
-_CHI2_3DOF_999 = 16.27
-"""99.9 % quantile of chi-square with 3 degrees of freedom: the consistency gate of a correction."""
 
 
 class CorrectionConfig(BaseModel):
@@ -88,14 +87,6 @@ class CorrectionConfig(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class PlanarSigma:
-    """Standard deviations of a pose's planar part."""
-
-    xy_m: float
-    yaw_rad: float
-
-
-@dataclass(frozen=True, slots=True)
 class Registration:
     """A fit of an agent's detections onto the reference's, as a correction of its relative pose.
 
@@ -122,6 +113,10 @@ class Correction:
     """Why it was not applied ('' when applied)."""
     matches: int = 0
     delta: np.ndarray = field(default_factory=lambda: np.zeros(3))  # [3] the correction applied
+    measured: bool = False
+    """This frame's objects or scan fixed the estimate (not only the track carried it)."""
+    covariance: np.ndarray | None = None
+    """``[3, 3]`` of the estimate (x, y, heading at the agent's origin, the reference's axes), when applied."""
 
 
 def fit_se2(source_xy: np.ndarray, target_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,22 +128,13 @@ def fit_se2(source_xy: np.ndarray, target_xy: np.ndarray) -> tuple[np.ndarray, n
     return rotation, dst_mean - rotation @ src_mean
 
 
-def correction_matrix(delta: np.ndarray, origin_xy: np.ndarray) -> np.ndarray:
-    """``[4, 4]`` that turns by ``delta[2]`` about ``origin_xy`` and then moves by ``delta[:2]``."""
-    c, s = np.cos(delta[2]), np.sin(delta[2])
-    out = np.eye(4)
-    out[:2, :2] = [[c, -s], [s, c]]
-    out[:2, 3] = origin_xy + delta[:2] - out[:2, :2] @ origin_xy
-    return out
-
-
 def relative_prior(ref: PlanarSigma, agent: PlanarSigma, origin_xy: np.ndarray) -> np.ndarray:
     """``[3, 3]`` covariance of an agent's pose relative to the reference, at the agent's origin.
 
     The agent's own errors move its origin and turn it about itself; the reference's heading error
     also swings the agent's origin about the reference's (the farther, the more).
     """
-    lever = _J @ origin_xy
+    lever = QUARTER_TURN @ origin_xy
     cov = np.zeros((3, 3))
     cov[:2, :2] = (ref.xy_m ** 2 + agent.xy_m ** 2) * np.eye(2) + ref.yaw_rad ** 2 * np.outer(lever, lever)
     cov[:2, 2] = cov[2, :2] = ref.yaw_rad ** 2 * lever
@@ -270,7 +256,7 @@ def _registration(ref_xy: np.ndarray, agent_xy: np.ndarray, rotation: np.ndarray
     centroid = agent_xy.mean(axis=0)
     spread = float(np.sum((agent_xy - centroid) ** 2))
     var_yaw = sigma ** 2 / max(spread, 1e-6)
-    lever = _J @ (origin_xy - centroid)
+    lever = QUARTER_TURN @ (origin_xy - centroid)
     cov = np.zeros((3, 3))
     cov[:2, :2] = sigma ** 2 / n * np.eye(2) + var_yaw * np.outer(lever, lever)
     cov[:2, 2] = cov[2, :2] = var_yaw * lever
@@ -333,7 +319,7 @@ def register_scans(reference, agent_points: np.ndarray, ref_from_agent: np.ndarr
     residual = np.sum((moved - target) * normals, axis=1)  # [K] point-to-plane distances
     origin = estimate[:2, 3]
     # d(residual)/d(shift) = n_xy, d(residual)/d(turn about the origin) = n_xy . J (p - origin)
-    jacobian = np.concatenate([normals[:, :2], np.sum(normals[:, :2] * ((moved[:, :2] - origin) @ _J.T), axis=1,
+    jacobian = np.concatenate([normals[:, :2], np.sum(normals[:, :2] * ((moved[:, :2] - origin) @ QUARTER_TURN.T), axis=1,
                                                       keepdims=True)], axis=1)  # [K, 3]
     sigma = max(float(np.sqrt(np.mean(residual ** 2))), config.scan_sigma_m)
     information = jacobian.T @ jacobian / sigma ** 2 * min(1.0, config.scan_effective_points / len(matches))
@@ -427,7 +413,7 @@ class RelativeTrack:
         agent_motion = invert_se3(self.odometry[1]) @ view.odom_from_agent
         moved = self.state @ agent_motion
         jacobian = np.eye(3)
-        jacobian[:2, 2] = _J @ (moved[:2, 3] - self.state[:2, 3])  # a turn swings the agent's new origin
+        jacobian[:2, 2] = QUARTER_TURN @ (moved[:2, 3] - self.state[:2, 3])  # a turn swings the agent's new origin
         covariance = jacobian @ self.covariance @ jacobian.T
         self.state = invert_se3(ref_motion) @ moved
         turn = np.eye(3)
@@ -442,7 +428,7 @@ class RelativeTrack:
         """Fold in a measured correction of the state (``delta`` with ``covariance``); returns the step taken,
         or None when the measurement disagrees with the state beyond both covariances (not used)."""
         total = self.covariance + covariance + 1e-12 * np.eye(3)
-        if float(delta @ np.linalg.solve(total, delta)) > _CHI2_3DOF_999:
+        if float(delta @ np.linalg.solve(total, delta)) > CHI2_3DOF_999:
             return None
         gain = self.covariance @ np.linalg.inv(total)
         step = gain @ delta
@@ -510,7 +496,7 @@ class PoseCorrector:
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
             return track
         track.predict(reference, view)
-        if track.update(_planar_error(view.ref_from_agent, track.state), reported_cov) is None:
+        if track.update(planar_error(view.ref_from_agent, track.state), reported_cov) is None:
             log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
         return track
@@ -562,7 +548,7 @@ class PoseCorrector:
             if track.update(fit.delta, fit.covariance) is None:
                 reason = "fit disagrees with the reported covariance"
         estimate = track.state
-        delta = _planar_error(estimate, reported)
+        delta = planar_error(estimate, reported)
         shift, turn = float(np.hypot(*delta[:2])), float(np.rad2deg(abs(delta[2])))
         if shift > self.config.max_shift_m or turn > self.config.max_turn_deg:
             log.warning("agent %d: correction of %.2f m / %.2f deg exceeds the bound of %.2f m / %.2f deg; not applied",
@@ -574,7 +560,8 @@ class PoseCorrector:
             self._remember(view.agent_id, invert_se3(reported) @ estimate)
         # Applied whenever the track moved it: odometry carries earlier registrations even through a frame
         # that shares no objects.
-        return Correction(view.agent_id, estimate.copy(), True, False, reason, matches, delta)
+        return Correction(view.agent_id, estimate.copy(), True, False, reason, matches, delta,
+                          measured=reason == "" or scanned, covariance=track.covariance.copy())
 
     def _count(self, agent_id: int, result: Correction) -> None:
         counters = self.counters.setdefault(agent_id, CorrectorCounters())
@@ -619,96 +606,6 @@ def _effective_count(deltas: np.ndarray) -> np.ndarray:
     variance = np.sum(centred ** 2, axis=0) + 1e-12
     rho = np.clip(np.sum(centred[1:] * centred[:-1], axis=0) / variance, 0.0, 0.95)
     return np.maximum(len(deltas) * (1 - rho) / (1 + rho), 1.0)
-
-
-class FilterConfig(BaseModel):
-    """How the fusion node filters each agent's reported pose with its odometry."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True
-    max_gap_frames: int = Field(20, ge=1)
-    """A gap of more sequences than this since the agent's last frame restarts its filter."""
-
-
-@dataclass(frozen=True, slots=True)
-class FilteredPose:
-    """An agent's pose after filtering, and its uncertainty."""
-
-    world_from_agent: np.ndarray  # [4, 4]
-    sigma: PlanarSigma
-
-
-def _planar_error(target: np.ndarray, estimate: np.ndarray) -> np.ndarray:
-    """``[3]``: the shift of the origin (world axes) and the turn about it that move ``estimate`` onto ``target``."""
-    turn = np.arctan2(target[1, 0], target[0, 0]) - np.arctan2(estimate[1, 0], estimate[0, 0])
-    return np.array([target[0, 3] - estimate[0, 3], target[1, 3] - estimate[1, 3], wrap_angle_rad(turn)])
-
-
-class PoseFilter:
-    """A Kalman filter of one agent's planar pose: predicted with its odometry, updated with its reported pose.
-
-    Reported poses (GNSS/INS) are absolute but noisy frame to frame; odometry (scan matching) is
-    precise frame to frame but drifts. Together they are better than either. The state error is
-    a shift of the agent's origin (world axes) and a turn about it. Frames must come in sequence
-    order; an older frame than the last one is answered from the recent estimates (or as reported).
-    """
-
-    def __init__(self, config: FilterConfig) -> None:
-        self.config = config
-        self._sequence: int | None = None
-        self._estimate = np.eye(4)
-        self._covariance = np.zeros((3, 3))
-        self._odom_from_agent = np.eye(4)
-        self._recent: dict[int, FilteredPose] = {}
-
-    def reset(self) -> None:
-        self._sequence = None
-        self._recent.clear()
-
-    def update(self, sequence: int, world_from_agent: np.ndarray, sigma: PlanarSigma,
-               odom_from_agent: np.ndarray | None, odometry_sigma: PlanarSigma | None) -> FilteredPose:
-        """The filtered pose of frame ``sequence`` (``world_from_agent`` as reported, with ``sigma``)."""
-        measured = np.diag([sigma.xy_m ** 2, sigma.xy_m ** 2, sigma.yaw_rad ** 2])
-        if sequence in self._recent:
-            return self._recent[sequence]
-        if self._sequence is not None and sequence < self._sequence:
-            return FilteredPose(world_from_agent, sigma)
-        gap = None if self._sequence is None else sequence - self._sequence
-        if (not self.config.enabled or odom_from_agent is None or odometry_sigma is None or gap is None
-                or gap > self.config.max_gap_frames):
-            self._estimate, self._covariance = world_from_agent.copy(), measured
-        else:
-            self._predict(odom_from_agent, odometry_sigma, gap)
-            self._correct(world_from_agent, measured)
-        self._sequence = sequence
-        if odom_from_agent is not None:
-            self._odom_from_agent = odom_from_agent
-        cov = self._covariance
-        result = FilteredPose(self._estimate.copy(), PlanarSigma(float(np.sqrt(max(cov[0, 0] + cov[1, 1], 0.0) / 2)),
-                                                                 float(np.sqrt(max(cov[2, 2], 0.0)))))
-        self._recent[sequence] = result
-        while len(self._recent) > 32:
-            del self._recent[min(self._recent)]
-        return result
-
-    def _predict(self, odom_from_agent: np.ndarray, step: PlanarSigma, gap: int) -> None:
-        motion = invert_se3(self._odom_from_agent) @ odom_from_agent  # previous frame from this one
-        predicted = self._estimate @ motion
-        lever = predicted[:2, 3] - self._estimate[:2, 3]
-        jacobian = np.eye(3)
-        jacobian[:2, 2] = _J @ lever  # a turn at the previous frame swings this one's origin
-        noise = gap * np.diag([step.xy_m ** 2, step.xy_m ** 2, step.yaw_rad ** 2])
-        self._estimate = predicted
-        self._covariance = jacobian @ self._covariance @ jacobian.T + noise
-
-    def _correct(self, world_from_agent: np.ndarray, measured: np.ndarray) -> None:
-        innovation = _planar_error(world_from_agent, self._estimate)
-        total = self._covariance + measured + 1e-12 * np.eye(3)
-        gain = self._covariance @ np.linalg.inv(total)
-        delta = gain @ innovation
-        self._estimate = correction_matrix(delta, self._estimate[:2, 3]) @ self._estimate
-        self._covariance = (np.eye(3) - gain) @ self._covariance
 
 
 class PoseHistory:
@@ -766,5 +663,5 @@ class PoseHistory:
 
 def _between(a: np.ndarray, b: np.ndarray, share: float) -> np.ndarray:
     """The pose ``share`` of the way from ``a`` to ``b`` in the plane."""
-    step = _planar_error(b, a) * share
+    step = planar_error(b, a) * share
     return correction_matrix(step, a[:2, 3]) @ a

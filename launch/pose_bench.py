@@ -21,6 +21,7 @@ import torch
 from agents import SceneFrame
 from agents.node import bev_input, ground_points, ground_pose
 from agents.odometry import LidarOdometry, OdometryConfig, OdometryStep
+from agents.pose import CorrectionRefused, PoseCorrectionConfig, TrackedPose
 from fusion.alignment import (AgentView, CorrectionConfig, FilterConfig, PlanarSigma, PoseCorrector, PoseFilter,
                               planar_delta)
 from launch.console import console, progress
@@ -153,6 +154,67 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
 
 
 @torch.no_grad()
+def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, loop: dict, odometry: dict,
+                       seed: int):
+    """One frame of the closed loop: every agent tracks its own pose (:class:`agents.pose.TrackedPose`: its
+    GNSS draw, its odometry and the node's earlier estimates), builds its BEV frame there, and the node
+    corrects, fuses and sends each agent its estimate, which arrives ``loop["delay"]`` frames later."""
+    device = next(detector.parameters()).device
+    index = frame.frame_index
+    for due, agent_id, sequence, world_from_frame, covariance in [m for m in loop["inbox"] if m[0] <= index]:
+        try:
+            loop["tracked"][agent_id].on_correction(sequence, world_from_frame, covariance)
+        except CorrectionRefused:
+            pass  # counted by the agent's TrackedPose
+    loop["inbox"] = [m for m in loop["inbox"] if m[0] > index]
+    noisy = noisy_frame(frame, sigma, seed)
+    report = PlanarSigma(sigma, float(np.deg2rad(sigma)))
+    agents, sigmas, bev = {}, {}, {}
+    for agent_id, agent in noisy.agents.items():
+        step = odometry[(index, agent_id)]
+        used, used_sigma, _ = loop["tracked"][agent_id].report(
+            index, agent.world_from_lidar, report, step.odom_from_ground, PlanarSigma(step.sigma_xy_m, step.sigma_yaw_rad))
+        agents[agent_id] = replace(agent, world_from_lidar=used)
+        sigmas[agent_id] = used_sigma
+        bev[agent_id] = aligned_bev_frame(ground_pose(agents[agent_id]), detector.feature_cell_m)
+        loop["tracked"][agent_id].remember_frame(index, bev[agent_id][0], used)
+    tracked = replace(noisy, agents=agents)
+    sample = coop_sample(tracked, detector.grid, detector.feature_cell_m)
+    order = [tracked.ego_id] + [a for a in sorted(tracked.agents) if a != tracked.ego_id]
+    truth = true_ego_from_agent(tracked, order, detector.feature_cell_m)
+    sensing = [k for k, p in enumerate(sample.points) if len(p)]
+    features = detector.features([torch.from_numpy(sample.points[k]).to(device) for k in sensing])
+    per_agent = [d[:, :8].cpu().numpy().astype(np.float64) for d in detector.detect(features)]
+    views = []
+    for i, k in enumerate(sensing):
+        agent_id = order[k]
+        step = odometry[(index, agent_id)]
+        config = loop["scan_config"].model_copy(update={"every_frames": 1}) if k == 0 else loop["scan_config"]
+        scan = (unpack_scan(pack_scan(thin_scan(sample.points[k], config), config))
+                if scan_due(config, agent_id, index) else None)
+        views.append(AgentView(agent_id, sample.ego_from_agent[k], per_agent[i], sigmas[agent_id], index,
+                               step.odom_from_ground @ invert_se3(bev[agent_id][1]),
+                               PlanarSigma(step.sigma_xy_m, step.sigma_yaw_rad), scan=scan))
+    corrections = loop["corrector"].correct(views[0], views[1:]) if sensing[0] == 0 else {}
+    poses = np.stack([corrections[v.agent_id].ref_from_agent if v.agent_id in corrections else v.ref_from_agent
+                      for v in views])
+    world_from_ego = bev[order[0]][0]
+    for v in views[1:]:
+        c = corrections.get(v.agent_id)
+        if c is not None and c.applied and c.measured:
+            loop["inbox"].append((index + loop["delay"], v.agent_id, index, world_from_ego @ c.ref_from_agent,
+                                  c.covariance))
+    out = {}
+    for name, placed in (("closed loop", poses), ("closed loop, exact", truth[sensing])):
+        merged = detector.fuse(features, torch.as_tensor(placed, dtype=torch.float32, device=device))
+        out[("intermediate", name)] = detector.detect(merged, fused=True)[0][:, :8].cpu().numpy()
+        out[("late", name)] = merge_late(per_agent, placed, detector.config.nms_iou_threshold)
+    errors = [(*pose_error(poses[i], truth[k]), bool(corrections.get(order[k]) and corrections[order[k]].applied))
+              for i, k in enumerate(sensing) if i > 0]
+    return out, sample.gt_boxes, errors
+
+
+@torch.no_grad()
 def latency_runs(detector: BevDetector, frames: list[SceneFrame], delays: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
     """Intermediate-fusion AP when the other agents' newest frames are ``delay`` frames old: their features
     placed with the pose of their own capture (what the fusion node does: every frame carries its pose) or,
@@ -248,7 +310,27 @@ def bench_pose(args: argparse.Namespace) -> dict:
             if method in ("reported", CORRECTED):
                 runs.append({"noise": sigma, "fusion": mode, "correction": method != "reported", "ap": ap})
             console.print(f"noise {sigma:g}: {mode:>12} {method:>20}: AP {ap}")
+        loop = {"tracked": {a: TrackedPose(PoseCorrectionConfig()) for a in frames[0].agents}, "inbox": [],
+                "corrector": PoseCorrector(CorrectionConfig()), "scan_config": ScanConfig(enabled=True),
+                "delay": args.feedback_delay}
+        errors["closed loop"] = []
+        with progress() as bar:
+            task = bar.add_task(f"closed loop, pose noise {sigma:g}", total=len(frames))
+            for frame in frames:
+                out, gt, frame_errors = _closed_loop_frame(detector, frame, sigma, loop, odometry, args.seed)
+                for key, det in out.items():
+                    det = det[detector.grid.contains(det[:, :2])] if len(det) else det
+                    scores.setdefault(key, APAccumulator()).add_frame(det, gt)
+                errors["closed loop"].extend(frame_errors)
+                bar.advance(task)
+        for mode, name in ((m, n) for m in ("intermediate", "late") for n in ("closed loop", "closed loop, exact")):
+            ap = {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in scores[(mode, name)].result().items()}
+            ablation.append({"noise": sigma, "fusion": mode, "poses": name, "ap": ap})
+            console.print(f"noise {sigma:g}: {mode:>12} {name:>20}: AP {ap}")
         residuals.append(_residual(errors, sigma))
+        residuals[-1]["closed_loop_corrector"] = {a: c.as_dict() for a, c in loop["corrector"].counters.items()}
+        residuals[-1]["closed_loop_agents"] = {a: {"applied": t.applied, "refused": t.refused, "last_error": t.last_error}
+                                               for a, t in loop["tracked"].items()}
         residuals[-1]["corrector"] = {a: c.as_dict() for a, c in state[CORRECTED].counters.items()}
         console.print(f"noise {sigma:g}: pose error {residuals[-1]}")
     top = max(residuals, key=lambda r: r["noise"])
