@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agents.frames import AgentFrame
 from agents.odometry import LidarOdometry, OdometryConfig
 from agents.opv2v import DatasetError, Scenario, read_agent_frame
-from agents.pose import CorrectionRefused, PoseCorrectionConfig, ReportedPose
+from agents.pose import CorrectionRefused, PoseCorrectionConfig, ReportedPose, TrackedPose
 from agents.world import SyntheticWorld, WorldConfig
 from agents.world.crossing import CrossingConfig, CrossingWorld
 from models.bev import aligned_bev_frame
@@ -39,6 +39,8 @@ from models.codec import CodedTile, FeatureCodec
 from models.codec_train import load_codec
 from models.detector import BevDetector, Precision, load_checkpoint
 from models.geometry import invert_se3, transform_boxes, transform_points
+from models.pose_filter import (PlanarSigma, orthonormal, planar_to_pose_covariance, pose_covariance_sigma,
+                                pose_to_planar_covariance, sigma_covariance)
 from models.scan import ScanConfig, pack_scan, scan_due, thin_scan
 from protos import Control, FeatureDtype, FeatureFrame
 from transport import (RAW_CODEC_ID, FeatureUplink, FramingError, GridSpec, LinkError, TlsFiles, feature_frame,
@@ -278,8 +280,11 @@ class AgentNode:
             self.uplink = FeatureUplink(config.fusion, config.agent_id, self.token, config.tls.files(),
                                         on_control=self._on_control)
         self.rate = RateController(config.rate_control, config.rate_hz or 10.0)
-        self.pose = ReportedPose(config.pose_correction)
         self.odometry = LidarOdometry(config.odometry) if config.odometry.enabled else None
+        self.pose = (TrackedPose(config.pose_correction) if self.odometry is not None and config.pose_correction.track
+                     else ReportedPose(config.pose_correction))
+        self._last_boxes = np.zeros((0, 8))
+        """With a tracked pose: the previous frame's detections in its ground frame (left out of the next match)."""
         if config.sensor == "camera" and detector.camera is None:
             raise ValueError(f"agent {config.agent_id}: sensor camera but {config.detector} has no camera path "
                              "(its camera_backbone is not set)")
@@ -301,7 +306,13 @@ class AgentNode:
             self.counters.rate_level = level
         if control.HasField("pose_correction"):
             try:
-                self.pose.on_correction(control.pose_correction_sequence, pose_from_proto(control.pose_correction))
+                if isinstance(self.pose, TrackedPose):
+                    covariance = (pose_to_planar_covariance(np.reshape(control.pose_correction.covariance, (6, 6)))
+                                  if len(control.pose_correction.covariance) == 36 else None)
+                    self.pose.on_correction(control.pose_correction_sequence, pose_from_proto(control.pose_correction),
+                                            covariance)
+                else:
+                    self.pose.on_correction(control.pose_correction_sequence, pose_from_proto(control.pose_correction))
             except (CorrectionRefused, FramingError) as err:
                 log.warning("agent %d: pose correction not applied: %s", self.config.agent_id, err)
 
@@ -387,8 +398,15 @@ class AgentNode:
         has nothing usable (every camera refused, counted)."""
         torch.set_num_threads(self.config.threads)
         agent = self.source.frame(index)
-        corrected, correction = self.pose.report(index, agent.world_from_lidar)
-        agent = dataclasses.replace(agent, world_from_lidar=corrected)
+        own, tracked = agent, None
+        if isinstance(self.pose, TrackedPose):
+            tracked = self._track(index, agent)
+            corrected, sigma, correction = tracked[1]
+            agent = dataclasses.replace(agent, world_from_lidar=corrected,
+                                        pose_covariance=planar_to_pose_covariance(sigma_covariance(sigma)))
+        else:
+            corrected, correction = self.pose.report(index, agent.world_from_lidar)
+            agent = dataclasses.replace(agent, world_from_lidar=corrected)
         world_from_bev, bev_from_ground, points = bev_input(agent, self.detector.feature_cell_m)
         if self.uses_cameras(agent):
             features = self.camera_features(agent, bev_from_ground)
@@ -397,14 +415,19 @@ class AgentNode:
                 return None
         else:
             features = self.detector.features([torch.from_numpy(points).to(self.device)])
-        self.pose.remember_frame(index, world_from_bev)
         out = self.detector.infer(features)
         detections = self.detector.decode(out, score_threshold=self.config.score_threshold)[0].cpu().numpy()
+        if tracked is None:
+            self.pose.remember_frame(index, world_from_bev)
+            motion = self._odometry(agent, bev_from_ground, detections)
+        else:
+            self.pose.remember_frame(index, world_from_bev, corrected)
+            self._last_boxes = transform_boxes(invert_se3(bev_from_ground), detections[:, :8])
+            motion = self._tracked_extras(tracked[0], own, corrected, world_from_bev, bev_from_ground)
         common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
                   "world_from_agent": world_from_bev, "grid": self.grid, "detections": detections[:, :9],
                   "pose_covariance": agent.pose_covariance, "pose_correction_sequence": correction,
-                  "scan_blocks": self._scan(index, points),
-                  **self._odometry(agent, bev_from_ground, detections)}
+                  "scan_blocks": self._scan(index, points), **motion}
         if self.codec is None:
             dtype = np.float16 if self.config.raw_dtype == "float16" else np.float32
             payload = features[0].cpu().numpy().astype(dtype).tobytes()
@@ -442,6 +465,27 @@ class AgentNode:
         step = self.odometry.step(ground_points(agent), transform_boxes(ground_from_bev, detections[:, :8]))
         covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
         return {"odom_from_agent": step.odom_from_ground @ ground_from_bev, "odometry_covariance": covariance}
+
+    def _track(self, index: int, agent: AgentFrame) -> tuple:
+        """With a tracked pose: this sweep's odometry (the previous frame's vehicles, moved on by the last motion,
+        left out of the match: this frame's are found in the BEV frame the pose decides) and the pose to report."""
+        boxes = transform_boxes(invert_se3(self.odometry.last_motion), self._last_boxes)
+        step = self.odometry.step(ground_points(agent), boxes)
+        own_sigma = (pose_covariance_sigma(agent.pose_covariance) if agent.pose_covariance is not None
+                     else PlanarSigma(self.config.pose_correction.own_sigma_xy_m,
+                                      float(np.deg2rad(self.config.pose_correction.own_sigma_yaw_deg))))
+        report = self.pose.report(index, agent.world_from_lidar, own_sigma, step.odom_from_ground,
+                                  PlanarSigma(step.sigma_xy_m, step.sigma_yaw_rad))
+        return step, report
+
+    @staticmethod
+    def _tracked_extras(step, own: AgentFrame, corrected: np.ndarray, world_from_bev: np.ndarray,
+                        bev_from_ground: np.ndarray) -> dict:
+        """The odometry fields, and where the agent's own fix alone puts the BEV frame (``own_pose``)."""
+        covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
+        own_pose = orthonormal(own.world_from_lidar @ invert_se3(corrected) @ world_from_bev)
+        return {"odom_from_agent": step.odom_from_ground @ invert_se3(bev_from_ground), "odometry_covariance": covariance,
+                "own_pose": own_pose, "own_pose_covariance": own.pose_covariance}
 
     async def run(self) -> AgentCounters:
         """Play the source; returns the counters. Raises ``LinkError`` if the fusion node refuses us."""

@@ -89,6 +89,12 @@ class LidarOdometry:
         cloud.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=3 * self.config.voxel_m, max_nn=20))
         return cloud
 
+    @property
+    def last_motion(self) -> np.ndarray:
+        """``[4, 4]`` previous_from_current of the last step matched (the identity before any): with steady motion,
+        the next sweep's guess, and what moves the last sweep's boxes into it (inverted)."""
+        return self._last_motion.copy()
+
     def step(self, points_ground: np.ndarray, detections: np.ndarray | None = None) -> OdometryStep:
         """Register a sweep (``[N, >=3]`` in the agent's ground frame: z is height above the ground).
 

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.geometry import invert_se3, planar
-from models.pose_filter import FilterConfig, PlanarSigma, PoseFilter, planar_error
+from models.pose_filter import FilterConfig, PlanarSigma, PoseFilter, orthonormal, planar_error
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class PoseCorrectionConfig(BaseModel):
     default_sigma_xy_m: float = Field(0.2, gt=0.0)
     """Uncertainty assumed for an estimate from the node that comes without a covariance."""
     default_sigma_yaw_deg: float = Field(0.2, gt=0.0)
+    own_sigma_xy_m: float = Field(1.0, gt=0.0)
+    """Uncertainty assumed for the agent's own pose when its source states none (a tracked pose needs one)."""
+    own_sigma_yaw_deg: float = Field(1.0, gt=0.0)
 
 
 class CorrectionRefused(ValueError):
@@ -153,8 +156,8 @@ class TrackedPose:
     def __init__(self, config: PoseCorrectionConfig, filter_config: FilterConfig = FilterConfig()) -> None:
         self.config = config
         self.filter = PoseFilter(filter_config)
-        self._sent: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray]] = {}
-        # sequence -> (odom_from_own, own_from_frame sent or None, world_from_own as reported)
+        self._sent: dict[int, tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]] = {}
+        # sequence -> (odom_from_own, own_from_frame sent or None, world_from_own as reported, its covariance)
         self._pending: list[_Fix] = []
         self._last_used = 0
         self.applied = 0
@@ -173,6 +176,10 @@ class TrackedPose:
         ``sigma``; the odometry's pose and its step's uncertainty), its uncertainty, and the newest frame
         whose estimate it carries."""
         filtered = self.filter.update(sequence, world_from_own, sigma, odom_from_own, odometry_sigma)
+        self._sent[sequence] = (odom_from_own, None, world_from_own, np.diag([sigma.xy_m ** 2, sigma.xy_m ** 2,
+                                                                              sigma.yaw_rad ** 2]))
+        while len(self._sent) > self.KEEP:
+            del self._sent[min(self._sent)]
         pending, self._pending = self._pending, []
         for fix in sorted(pending, key=lambda f: f.sequence):
             try:
@@ -181,16 +188,13 @@ class TrackedPose:
                 self.refused += 1
                 self.last_error = str(err)
                 log.warning("pose estimate for frame %d not used: %s", fix.sequence, err)
-        self._sent[sequence] = (odom_from_own, None, world_from_own)
-        while len(self._sent) > self.KEEP:
-            del self._sent[min(self._sent)]
         return filtered.world_from_agent, filtered.sigma, self._last_used
 
     def remember_frame(self, sequence: int, world_from_frame: np.ndarray, world_from_own: np.ndarray) -> None:
         """The frame actually sent for ``sequence`` (e.g. a BEV frame on a lattice) and the own pose it was built
         from: the node's estimates refer to it."""
-        odom, _, reported = self._sent[sequence]
-        self._sent[sequence] = (odom, invert_se3(world_from_own) @ world_from_frame, reported)
+        odom, _, reported, covariance = self._sent[sequence]
+        self._sent[sequence] = (odom, orthonormal(invert_se3(world_from_own) @ world_from_frame), reported, covariance)
 
     def on_correction(self, sequence: int, world_from_frame: np.ndarray, covariance: np.ndarray | None) -> None:
         """Take the node's estimate of where frame ``sequence`` was (``covariance`` ``[3, 3]`` of x, y, heading;
@@ -216,7 +220,7 @@ class TrackedPose:
                     or not np.allclose(covariance, covariance.T, atol=1e-9)
                     or np.linalg.eigvalsh(covariance).min() < -1e-12):
                 raise CorrectionRefused(f"estimate for frame {sequence} has no valid 3x3 covariance")
-            fix = _Fix(sequence, world_from_frame @ invert_se3(sent[1]), covariance)
+            fix = _Fix(sequence, orthonormal(world_from_frame @ invert_se3(sent[1])), covariance)
             self._pending = [*self._pending, fix]
         except CorrectionRefused as err:
             self.refused += 1
@@ -228,7 +232,7 @@ class TrackedPose:
         then = self._sent.get(fix.sequence)
         if then is None or odom_from_own is None or odometry_sigma is None:
             raise CorrectionRefused(f"no odometry from frame {fix.sequence} to frame {sequence}")
-        carried = fix.world_from_own @ invert_se3(then[0]) @ odom_from_own
+        carried = orthonormal(fix.world_from_own @ invert_se3(then[0]) @ odom_from_own)
         delta = planar_error(fix.world_from_own, then[2])  # how far the node moves it from its own report
         shift, turn = float(np.hypot(*delta[:2])), float(np.degrees(abs(delta[2])))
         if shift > self.config.max_shift_m or turn > self.config.max_turn_deg:
@@ -239,9 +243,12 @@ class TrackedPose:
         jacobian = np.eye(3)
         jacobian[:2, 2] = np.array([-lever[1], lever[0]])  # a turn at that frame swings this one's origin
         steps = gap * np.diag([odometry_sigma.xy_m ** 2, odometry_sigma.xy_m ** 2, odometry_sigma.yaw_rad ** 2])
-        folded = self.filter.fold(carried, jacobian @ fix.covariance @ jacobian.T + steps)
-        if folded is None:
-            raise CorrectionRefused(f"estimate for frame {fix.sequence} disagrees with the agent's own track")
+        # The node's estimate already holds what the agent reported up to that frame (and where the fusion frame
+        # is): it replaces the track, and this frame's own fix is folded in again (a small gain next to it).
+        folded = self.filter.restart(carried, jacobian @ fix.covariance @ jacobian.T + steps)
+        own = self._sent.get(sequence)
+        if own is not None:
+            folded = self.filter.fold(own[2], own[3], gate=False) or folded
         self.applied += 1
         self._last_used = max(self._last_used, fix.sequence)
         return folded

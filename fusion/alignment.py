@@ -384,6 +384,11 @@ class AgentView:
     """Uncertainty of the agent's motion since its previous frame."""
     scan: np.ndarray | None = None
     """``[M, 3]`` the agent's registration scan in its frame (:mod:`models.scan`), when this frame carries one."""
+    own_fix: np.ndarray | None = None
+    """``[4, 4]`` where the agent's own GNSS/INS puts this frame (relative to the reference), when the frame's pose
+    carries the node's earlier estimates (:class:`agents.pose.TrackedPose`): the track is updated with this
+    independent fix rather than with its own belief sent back."""
+    own_fix_sigma: PlanarSigma | None = None
 
 
 class RelativeTrack:
@@ -496,7 +501,10 @@ class PoseCorrector:
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
             return track
         track.predict(reference, view)
-        if track.update(planar_error(view.ref_from_agent, track.state), reported_cov) is None:
+        fix, fix_cov = view.ref_from_agent, reported_cov
+        if view.own_fix is not None:
+            fix, fix_cov = view.own_fix, relative_prior(ref_sigma, self._sigma(view.own_fix_sigma), view.own_fix[:2, 3])
+        if track.update(planar_error(fix, track.state), fix_cov) is None:
             log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
         return track

@@ -21,6 +21,7 @@ import shapely
 
 from models.boxes import box_corners_3d
 from models.geometry import invert_se3, perturb_extrinsic, perturb_pose, transform_points
+from models.pose_filter import pose_covariance_sigma
 from protos import CameraCalibration, LidarCalibration, Pose, SensorCalibration, Transform4x4
 from transport import FramingError, pose_from_proto, pose_to_proto
 
@@ -426,7 +427,6 @@ def planar_sigma(covariance: np.ndarray) -> tuple[float, float]:
         certain horizontal direction (the square root of the xy block's largest eigenvalue, so
         an isotropic ``sigma`` per axis gives ``sigma``) and of the heading.
     """
-    cov = np.asarray(covariance, dtype=np.float64)
-    largest_xy = float(np.linalg.eigvalsh(cov[:2, :2]).max())
-    return math.sqrt(max(largest_xy, 0.0)), math.sqrt(max(float(cov[5, 5]), 0.0))
+    sigma = pose_covariance_sigma(covariance)
+    return sigma.xy_m, sigma.yaw_rad
 

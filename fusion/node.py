@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fusion.alignment import AgentView, CorrectionConfig, PoseCorrector, PoseHistory
+from models.pose_filter import planar_to_pose_covariance
 from fusion.receive import Contribution, FrameRefused, check_frame, decode_frame, expected_grid
 from fusion.substitute import EvidenceMemory
 from models.codec import FeatureCodec
@@ -636,7 +637,9 @@ class FusionNode(FusionServicer):
             if abs(c.capture_time_ns - ego.capture_time_ns) > self.period_ns // 2:
                 detections, scan = detections[:0], None  # the world moved in between
             views[state.agent_id] = AgentView(state.agent_id, ego_from_world @ c.world_from_agent, detections,
-                                              c.pose_sigma, c.sequence, c.odom_from_agent, c.odometry_sigma, scan)
+                                              c.pose_sigma, c.sequence, c.odom_from_agent, c.odometry_sigma, scan,
+                                              None if c.own_pose is None else ego_from_world @ c.own_pose,
+                                              c.own_pose_sigma)
             rows[state.agent_id] = i
         reference_view = views.pop(ref_state.agent_id, None)
         if reference_view is None or not views:
@@ -645,15 +648,28 @@ class FusionNode(FusionServicer):
         output_from_ego = invert_se3(world_from_reference) @ ego.world_from_agent
         for agent_id, correction in corrections.items():
             ego_from_agent[rows[agent_id]] = output_from_ego @ correction.ref_from_agent
-        self._queue_feedback(used, corrections)
+        self._queue_feedback(used, corrections, ego.world_from_agent)
         return corrections
 
-    def _queue_feedback(self, used: list, corrections: dict) -> None:
-        """Send an agent its steady pose error once its window shows one (only frames that carry the last
-        correction sent count towards the next)."""
+    def _queue_feedback(self, used: list, corrections: dict, world_from_ego: np.ndarray) -> None:
+        """Send an agent that tracks its pose (its frames carry ``own_pose``) every estimate this frame measured,
+        with its covariance; send any other its steady pose error once its window shows one (only frames that
+        carry the last correction sent count towards the next)."""
         for state, *_rest in used:
             c = state.latest
             if state.agent_id not in corrections or c is None:
+                continue
+            if c.own_pose is not None:
+                correction = corrections[state.agent_id]
+                if correction.applied and correction.measured and correction.covariance is not None:
+                    self._controls.append((state.agent_id, Control(
+                        pose_correction=pose_to_proto(world_from_ego @ correction.ref_from_agent,
+                                                      planar_to_pose_covariance(correction.covariance)),
+                        pose_correction_sequence=c.sequence)))
+                    state.correction_sent = c.sequence
+                    state.corrections_sent += 1
+                    state.correction_sizes.append((float(np.hypot(*correction.delta[:2])),
+                                                   float(np.degrees(abs(correction.delta[2])))))
                 continue
             if c.pose_correction_sequence < state.correction_sent:
                 self.corrector.forget(state.agent_id)  # still the frames sent before the last correction

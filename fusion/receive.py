@@ -54,9 +54,13 @@ class Contribution:
     pose_correction_sequence: int = 0
     set_aside: tuple[str, ...] = ()
     """Parts of the frame that failed their checks and were left out (the frame itself is used), each
-    ``"<part>: <what is wrong>"`` with part ``pose covariance``, ``odometry``, ``calibration`` or ``scan``."""
+    ``"<part>: <what is wrong>"`` with part ``pose covariance``, ``odometry``, ``own pose``, ``calibration`` or ``scan``."""
     scan: np.ndarray | None = None
     """``[M, 3]`` the registration scan this frame carried (agent frame), or None."""
+    own_pose: np.ndarray | None = None
+    """``[4, 4]`` where the agent's own GNSS/INS alone puts this frame, when ``world_from_agent`` carries the
+    node's estimates (``FeatureFrame.own_pose``), or None."""
+    own_pose_sigma: PlanarSigma | None = None
 
 
 def expected_grid(detector: BevDetector, codec: FeatureCodec | None) -> GridSpec:
@@ -135,7 +139,7 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
         raise FrameRefused(f"object list: {err}") from err
     if not np.all(np.isfinite(detections)):
         raise FrameRefused("object list has non-finite values")
-    pose_sigma, odometry, odometry_sigma, set_aside = _pose_extras(frame)
+    pose_sigma, odometry, odometry_sigma, own_pose, own_sigma, set_aside = _pose_extras(frame)
     scan = None
     if frame.scan_blocks:
         try:
@@ -145,18 +149,19 @@ def decode_frame(frame: FeatureFrame, *, detector: BevDetector, codec: FeatureCo
     return Contribution(frame.agent_id, frame.sequence, frame.capture_time_ns, receive_time_ns, world_from_agent,
                         features, valid, detections, payload, frame.ByteSize(), len(frame.tiles), refused,
                         (time.perf_counter() - t0) * 1e3, frame, pose_sigma, odometry, odometry_sigma,
-                        frame.pose_correction_sequence, set_aside, scan)
+                        frame.pose_correction_sequence, set_aside, scan, own_pose, own_sigma)
 
 
 def _sigma(covariance: np.ndarray | None) -> PlanarSigma | None:
     return None if covariance is None else PlanarSigma(*planar_sigma(covariance))
 
 
-def _pose_extras(frame: FeatureFrame) -> tuple[PlanarSigma | None, np.ndarray | None, PlanarSigma | None, tuple[str, ...]]:
-    """The pose's uncertainty, the odometry and the calibration, each checked; a part that fails is set
-    aside (named in the last item) and the frame is used without it."""
+def _pose_extras(frame: FeatureFrame) -> tuple:
+    """The pose's uncertainty, the odometry (and its step's uncertainty), the agent's own fix (and its
+    uncertainty) and the calibration, each checked; a part that fails is set aside (named in the last
+    item) and the frame is used without it."""
     set_aside = []
-    pose_sigma = odometry = odometry_sigma = None
+    pose_sigma = odometry = odometry_sigma = own_pose = own_sigma = None
     try:
         pose_sigma = _sigma(pose_estimate_from_proto(frame.pose, "pose covariance").covariance)
     except CalibrationError as err:
@@ -167,12 +172,18 @@ def _pose_extras(frame: FeatureFrame) -> tuple[PlanarSigma | None, np.ndarray | 
             odometry, odometry_sigma = np.array(estimate.world_from_agent), _sigma(estimate.covariance)
         except CalibrationError as err:
             set_aside.append(str(err))
+    if frame.HasField("own_pose"):
+        try:
+            estimate = pose_estimate_from_proto(frame.own_pose, "own pose")
+            own_pose, own_sigma = np.array(estimate.world_from_agent), _sigma(estimate.covariance)
+        except CalibrationError as err:
+            set_aside.append(str(err))
     if frame.HasField("calibration"):
         try:
             calibration_from_proto(frame.calibration, "calibration")
         except CalibrationError as err:
             set_aside.append(str(err))
-    return pose_sigma, odometry, odometry_sigma, tuple(set_aside)
+    return pose_sigma, odometry, odometry_sigma, own_pose, own_sigma, tuple(set_aside)
 
 
 def _raw_features(frame: FeatureFrame, shape: tuple[int, int, int], device: torch.device

@@ -204,6 +204,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-bitrate", action="store_true", help="chat: skip the context-aware bitrate part")
     parser.add_argument("--feedback-delay", type=int, default=1,
                         help="pose: frames before the node's pose estimate reaches the agent (closed loop)")
+    parser.add_argument("--scan-every", type=int, default=2,
+                        help="pose: a registration scan with one frame in this many per non-ego agent (the ego: every frame)")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="pose: skip the delayed-agents runs (latency compensation)")
     add_world_options(parser)

@@ -72,12 +72,19 @@ def pose_error(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 METHODS = ("reported", "registration", "odometry", "odometry+registration", "odometry+registration+scans", "exact")
-"""Poses fused: as reported; corrected by object registration frame by frame; each agent's pose filtered with
-its odometry alone; relative poses tracked with odometry and object registration; the same with the agents'
-registration scans matched too, on the frames that carry one (what the fusion node does, and what
-``correction: true`` means in the result); the exact relative poses (the ceiling of any correction: each
-agent's own BEV frame still comes from its noisy pose)."""
-CORRECTED = "odometry+registration+scans"
+"""Open loop (every agent builds its BEV frame at its noisy GNSS pose), poses fused: as reported; corrected by
+object registration frame by frame; each agent's pose filtered with its odometry alone; relative poses tracked
+with odometry and object registration; the same with the agents' registration scans matched too, on the frames
+that carry one; the exact relative poses (the ceiling of any open-loop correction: each agent's BEV frame still
+sits at its noisy pose, off the ego's lattice, so its features are resampled and blurred)."""
+OPEN_CORRECTED = "odometry+registration+scans"
+CORRECTED = "closed loop"
+CLOSED = (CORRECTED, "closed loop, exact")
+"""Closed loop (what the live system does, and what ``correction: true`` means in the result): each agent tracks
+its own pose with its odometry, its GNSS and every estimate the fusion node sends back
+(:class:`agents.pose.TrackedPose`), and builds its BEV frame there; the node corrects as in
+``odometry+registration+scans``, weighing each agent's own GNSS fix (not its tracked pose, which carries the
+node's own estimates); ``closed loop, exact`` fuses the same frames with the exact relative poses."""
 
 
 @torch.no_grad()
@@ -133,7 +140,7 @@ def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: d
             scans[order[k]] = unpack_scan(pack_scan(thin_scan(sample.points[k], config), config))
     applied = {}
     for name, with_odometry, with_scans in (("registration", False, False), ("odometry+registration", True, False),
-                                            (CORRECTED, True, True)):
+                                            (OPEN_CORRECTED, True, True)):
         views = [AgentView(order[k], poses["reported"][i], per_agent[i], report, frame.frame_index,
                            *(odom_from_agent[order[k]] if with_odometry else (None, None)),
                            scan=scans.get(order[k]) if with_scans else None)
@@ -161,7 +168,7 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
     corrects, fuses and sends each agent its estimate, which arrives ``loop["delay"]`` frames later."""
     device = next(detector.parameters()).device
     index = frame.frame_index
-    for due, agent_id, sequence, world_from_frame, covariance in [m for m in loop["inbox"] if m[0] <= index]:
+    for _due, agent_id, sequence, world_from_frame, covariance in [m for m in loop["inbox"] if m[0] <= index]:
         try:
             loop["tracked"][agent_id].on_correction(sequence, world_from_frame, covariance)
         except CorrectionRefused:
@@ -169,7 +176,7 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
     loop["inbox"] = [m for m in loop["inbox"] if m[0] > index]
     noisy = noisy_frame(frame, sigma, seed)
     report = PlanarSigma(sigma, float(np.deg2rad(sigma)))
-    agents, sigmas, bev = {}, {}, {}
+    agents, sigmas, bev, own_fix = {}, {}, {}, {}
     for agent_id, agent in noisy.agents.items():
         step = odometry[(index, agent_id)]
         used, used_sigma, _ = loop["tracked"][agent_id].report(
@@ -178,6 +185,7 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
         sigmas[agent_id] = used_sigma
         bev[agent_id] = aligned_bev_frame(ground_pose(agents[agent_id]), detector.feature_cell_m)
         loop["tracked"][agent_id].remember_frame(index, bev[agent_id][0], used)
+        own_fix[agent_id] = agent.world_from_lidar @ invert_se3(used) @ bev[agent_id][0]  # the frame where GNSS puts it
     tracked = replace(noisy, agents=agents)
     sample = coop_sample(tracked, detector.grid, detector.feature_cell_m)
     order = [tracked.ego_id] + [a for a in sorted(tracked.agents) if a != tracked.ego_id]
@@ -190,11 +198,16 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
         agent_id = order[k]
         step = odometry[(index, agent_id)]
         config = loop["scan_config"].model_copy(update={"every_frames": 1}) if k == 0 else loop["scan_config"]
-        scan = (unpack_scan(pack_scan(thin_scan(sample.points[k], config), config))
-                if scan_due(config, agent_id, index) else None)
+        scan = None
+        if scan_due(config, agent_id, index):
+            blocks = pack_scan(thin_scan(sample.points[k], config), config)
+            scan = unpack_scan(blocks)
+            if k > 0:
+                loop["scan_bytes"].append(sum(len(b) for b in blocks))
         views.append(AgentView(agent_id, sample.ego_from_agent[k], per_agent[i], sigmas[agent_id], index,
                                step.odom_from_ground @ invert_se3(bev[agent_id][1]),
-                               PlanarSigma(step.sigma_xy_m, step.sigma_yaw_rad), scan=scan))
+                               PlanarSigma(step.sigma_xy_m, step.sigma_yaw_rad), scan=scan,
+                               own_fix=invert_se3(bev[order[0]][0]) @ own_fix[agent_id], own_fix_sigma=report))
     corrections = loop["corrector"].correct(views[0], views[1:]) if sensing[0] == 0 else {}
     poses = np.stack([corrections[v.agent_id].ref_from_agent if v.agent_id in corrections else v.ref_from_agent
                       for v in views])
@@ -205,13 +218,13 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
             loop["inbox"].append((index + loop["delay"], v.agent_id, index, world_from_ego @ c.ref_from_agent,
                                   c.covariance))
     out = {}
-    for name, placed in (("closed loop", poses), ("closed loop, exact", truth[sensing])):
+    for name, placed in zip(CLOSED, (poses, truth[sensing])):
         merged = detector.fuse(features, torch.as_tensor(placed, dtype=torch.float32, device=device))
         out[("intermediate", name)] = detector.detect(merged, fused=True)[0][:, :8].cpu().numpy()
         out[("late", name)] = merge_late(per_agent, placed, detector.config.nms_iou_threshold)
     errors = [(*pose_error(poses[i], truth[k]), bool(corrections.get(order[k]) and corrections[order[k]].applied))
               for i, k in enumerate(sensing) if i > 0]
-    return out, sample.gt_boxes, errors
+    return out, sample.gt_boxes, {CORRECTED: errors}
 
 
 @torch.no_grad()
@@ -286,52 +299,40 @@ def bench_pose(args: argparse.Namespace) -> dict:
             frames.append(frame)
             bar.advance(task)
     odometry = odometry_track(frames, OdometryConfig(enabled=True), detector)
-    runs, ablation, residuals = [], [], []
+    scan_config = ScanConfig(enabled=True, every_frames=args.scan_every)
+    runs, ablation, residuals, scan_bytes = [], [], [], []
     for sigma in levels:
         state = {"filters": {a: PoseFilter(FilterConfig()) for a in frames[0].agents},
                  "registration": PoseCorrector(CorrectionConfig()),
                  "odometry+registration": PoseCorrector(CorrectionConfig()),
-                 CORRECTED: PoseCorrector(CorrectionConfig()), "scan_config": ScanConfig(enabled=True)}
-        scores = {(mode, m): APAccumulator() for mode in ("intermediate", "late") for m in METHODS}
-        errors = {m: [] for m in METHODS}
-        with progress() as bar:
-            task = bar.add_task(f"pose noise {sigma:g} m / {sigma:g} deg", total=len(frames))
-            for frame in frames:
-                out, gt, frame_errors = _frame_runs(detector, frame, sigma, state, odometry, args.seed)
-                for key, det in out.items():
-                    det = det[detector.grid.contains(det[:, :2])] if len(det) else det
-                    scores[key].add_frame(det, gt)
-                for m, rows in frame_errors.items():
-                    errors[m].extend(rows)
-                bar.advance(task)
+                 OPEN_CORRECTED: PoseCorrector(CorrectionConfig()), "scan_config": scan_config}
+        loop = {"tracked": {a: TrackedPose(PoseCorrectionConfig()) for a in frames[0].agents}, "inbox": [],
+                "corrector": PoseCorrector(CorrectionConfig()), "scan_config": scan_config,
+                "delay": args.feedback_delay, "scan_bytes": scan_bytes}
+        scores = {(mode, m): APAccumulator() for mode in ("intermediate", "late") for m in (*METHODS, *CLOSED)}
+        errors = {m: [] for m in (*METHODS, CORRECTED)}
+        for name, step in (("agents as reported", _frame_runs), ("closed loop", _closed_loop_frame)):
+            with progress() as bar:
+                task = bar.add_task(f"pose noise {sigma:g} m / {sigma:g} deg, {name}", total=len(frames))
+                for frame in frames:
+                    out, gt, frame_errors = step(detector, frame, sigma, state if step is _frame_runs else loop,
+                                                 odometry, args.seed)
+                    for key, det in out.items():
+                        det = det[detector.grid.contains(det[:, :2])] if len(det) else det
+                        scores[key].add_frame(det, gt)
+                    for m, rows in frame_errors.items():
+                        errors[m].extend(rows)
+                    bar.advance(task)
         for (mode, method), acc in scores.items():
             ap = {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in acc.result().items()}
             ablation.append({"noise": sigma, "fusion": mode, "poses": method, "ap": ap})
             if method in ("reported", CORRECTED):
                 runs.append({"noise": sigma, "fusion": mode, "correction": method != "reported", "ap": ap})
-            console.print(f"noise {sigma:g}: {mode:>12} {method:>20}: AP {ap}")
-        loop = {"tracked": {a: TrackedPose(PoseCorrectionConfig()) for a in frames[0].agents}, "inbox": [],
-                "corrector": PoseCorrector(CorrectionConfig()), "scan_config": ScanConfig(enabled=True),
-                "delay": args.feedback_delay}
-        errors["closed loop"] = []
-        with progress() as bar:
-            task = bar.add_task(f"closed loop, pose noise {sigma:g}", total=len(frames))
-            for frame in frames:
-                out, gt, frame_errors = _closed_loop_frame(detector, frame, sigma, loop, odometry, args.seed)
-                for key, det in out.items():
-                    det = det[detector.grid.contains(det[:, :2])] if len(det) else det
-                    scores.setdefault(key, APAccumulator()).add_frame(det, gt)
-                errors["closed loop"].extend(frame_errors)
-                bar.advance(task)
-        for mode, name in ((m, n) for m in ("intermediate", "late") for n in ("closed loop", "closed loop, exact")):
-            ap = {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in scores[(mode, name)].result().items()}
-            ablation.append({"noise": sigma, "fusion": mode, "poses": name, "ap": ap})
-            console.print(f"noise {sigma:g}: {mode:>12} {name:>20}: AP {ap}")
+            console.print(f"noise {sigma:g}: {mode:>12} {method:>28}: AP {ap}")
         residuals.append(_residual(errors, sigma))
-        residuals[-1]["closed_loop_corrector"] = {a: c.as_dict() for a, c in loop["corrector"].counters.items()}
-        residuals[-1]["closed_loop_agents"] = {a: {"applied": t.applied, "refused": t.refused, "last_error": t.last_error}
-                                               for a, t in loop["tracked"].items()}
-        residuals[-1]["corrector"] = {a: c.as_dict() for a, c in state[CORRECTED].counters.items()}
+        residuals[-1]["corrector"] = {a: c.as_dict() for a, c in loop["corrector"].counters.items()}
+        residuals[-1]["agents"] = {a: {"estimates_used": t.applied, "estimates_refused": t.refused,
+                                       "last_refusal": t.last_error} for a, t in loop["tracked"].items()}
         console.print(f"noise {sigma:g}: pose error {residuals[-1]}")
     top = max(residuals, key=lambda r: r["noise"])
     result = {"data": f"synthetic seed {args.seed}", "agents": world.agents, "frames": len(frames),
@@ -339,6 +340,11 @@ def bench_pose(args: argparse.Namespace) -> dict:
               "residual": {"xy_m": top[CORRECTED]["xy_m"], "yaw_deg": top[CORRECTED]["yaw_deg"],
                            "noise": top["noise"], "statistic": "median over non-ego agent-frames",
                            "as_reported": {k: top["reported"][k] for k in ("xy_m", "yaw_deg")}},
+              "scans": {"every_frames": args.scan_every, "count": len(scan_bytes),
+                        "median_bytes": int(np.median(scan_bytes)) if scan_bytes else 0,
+                        "bytes_per_agent_frame": round(float(np.sum(scan_bytes)) / max(
+                            len(levels) * len(frames) * (world.agents - 1), 1), 1),
+                        "note": "the non-ego agents' scans in the closed loop (the ego's go over its local link)"},
               "residual_by_noise": residuals, "ablation": ablation,
               "latency": latency_runs(detector, frames) if args.latency else []}
     if args.plot is not None:

@@ -28,6 +28,15 @@ class PlanarSigma:
     yaw_rad: float
 
 
+def orthonormal(a_from_b: np.ndarray) -> np.ndarray:
+    """``a_from_b`` with its rotation made exactly orthonormal again (the nearest rotation): poses chained
+    through inverses and corrections frame after frame would otherwise grow their rounding errors."""
+    out = np.array(a_from_b, dtype=np.float64, copy=True)
+    u, _, vt = np.linalg.svd(out[:3, :3])
+    out[:3, :3] = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+    return out
+
+
 def correction_matrix(delta: np.ndarray, origin_xy: np.ndarray) -> np.ndarray:
     """``[4, 4]`` that turns by ``delta[2]`` about ``origin_xy`` and then moves by ``delta[:2]``."""
     c, s = np.cos(delta[2]), np.sin(delta[2])
@@ -111,21 +120,31 @@ class PoseFilter:
         """``[3, 3]`` of the newest estimate's error (x, y, heading)."""
         return self._covariance.copy()
 
-    def fold(self, world_from_agent: np.ndarray, covariance: np.ndarray) -> FilteredPose | None:
+    def fold(self, world_from_agent: np.ndarray, covariance: np.ndarray, gate: bool = True) -> FilteredPose | None:
         """Fold another fix of the newest frame's pose (``covariance`` ``[3, 3]``) into its estimate; returns the
-        new estimate, or None (nothing changed) when the fix disagrees with it beyond both covariances
-        (chi-square, 3 degrees of freedom, 99.9 %) or no frame came yet."""
+        new estimate, or None (nothing changed) when no frame came yet or, with ``gate``, the fix disagrees with
+        it beyond both covariances (chi-square, 3 degrees of freedom, 99.9 %)."""
         if self._sequence is None:
             return None
         innovation = planar_error(world_from_agent, self._estimate)
         total = self._covariance + covariance + 1e-12 * np.eye(3)
-        if float(innovation @ np.linalg.solve(total, innovation)) > CHI2_3DOF_999:
+        if gate and float(innovation @ np.linalg.solve(total, innovation)) > CHI2_3DOF_999:
             return None
         self._correct(world_from_agent, covariance)
         self._recent[self._sequence] = self._result()
         return self._recent[self._sequence]
 
+    def restart(self, world_from_agent: np.ndarray, covariance: np.ndarray) -> FilteredPose | None:
+        """Replace the newest frame's estimate by a better one (``covariance`` ``[3, 3]``) that already holds what
+        this filter knew; returns it (None when no frame came yet)."""
+        if self._sequence is None:
+            return None
+        self._estimate, self._covariance = world_from_agent.copy(), np.array(covariance, dtype=np.float64)
+        self._recent[self._sequence] = self._result()
+        return self._recent[self._sequence]
+
     def _result(self) -> FilteredPose:
+        self._estimate = orthonormal(self._estimate)
         cov = self._covariance
         return FilteredPose(self._estimate.copy(), PlanarSigma(float(np.sqrt(max(cov[0, 0] + cov[1, 1], 0.0) / 2)),
                                                                float(np.sqrt(max(cov[2, 2], 0.0)))))
@@ -141,9 +160,42 @@ class PoseFilter:
         self._covariance = jacobian @ self._covariance @ jacobian.T + noise
 
     def _correct(self, world_from_agent: np.ndarray, measured: np.ndarray) -> None:
+        if not np.any(measured):  # an exact fix: taken as it is (a gain of one would leave rounding behind)
+            self._estimate, self._covariance = world_from_agent.copy(), np.zeros((3, 3))
+            return
         innovation = planar_error(world_from_agent, self._estimate)
         total = self._covariance + measured + 1e-12 * np.eye(3)
         gain = self._covariance @ np.linalg.inv(total)
         delta = gain @ innovation
         self._estimate = correction_matrix(delta, self._estimate[:2, 3]) @ self._estimate
         self._covariance = (np.eye(3) - gain) @ self._covariance
+
+
+_PLANAR = [0, 1, 5]
+"""Where x, y and heading sit in a ``Pose.covariance`` (x, y, z, roll, pitch, yaw)."""
+
+
+def planar_to_pose_covariance(covariance: np.ndarray) -> np.ndarray:
+    """``[3, 3]`` of (x, y, heading) -> ``[6, 6]`` of (x, y, z, roll, pitch, yaw), the other parts zero."""
+    out = np.zeros((6, 6))
+    out[np.ix_(_PLANAR, _PLANAR)] = covariance
+    return out
+
+
+def pose_to_planar_covariance(covariance: np.ndarray) -> np.ndarray:
+    """``[6, 6]`` of (x, y, z, roll, pitch, yaw) -> ``[3, 3]`` of (x, y, heading)."""
+    return np.asarray(covariance, dtype=np.float64)[np.ix_(_PLANAR, _PLANAR)].copy()
+
+
+def sigma_covariance(sigma: PlanarSigma) -> np.ndarray:
+    """``[3, 3]`` of independent x, y (each ``sigma.xy_m``) and heading errors."""
+    return np.diag([sigma.xy_m ** 2, sigma.xy_m ** 2, sigma.yaw_rad ** 2])
+
+
+def pose_covariance_sigma(covariance: np.ndarray) -> PlanarSigma:
+    """The ground-plane uncertainty of a ``[6, 6]`` pose covariance (x, y, z, roll, pitch, yaw): the standard
+    deviation of the position along its least certain horizontal direction (the square root of the xy
+    block's largest eigenvalue, so an isotropic ``sigma`` per axis gives ``sigma``) and of the heading."""
+    cov = np.asarray(covariance, dtype=np.float64)
+    largest_xy = float(np.linalg.eigvalsh(cov[:2, :2]).max())
+    return PlanarSigma(float(np.sqrt(max(largest_xy, 0.0))), float(np.sqrt(max(float(cov[5, 5]), 0.0))))

@@ -157,7 +157,7 @@ class Box3D(_message.Message):
     def __init__(self, x_m: _Optional[float] = ..., y_m: _Optional[float] = ..., z_m: _Optional[float] = ..., length_m: _Optional[float] = ..., width_m: _Optional[float] = ..., height_m: _Optional[float] = ..., yaw_rad: _Optional[float] = ..., label: _Optional[_Union[ObjectClass, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class FeatureFrame(_message.Message):
-    __slots__ = ("agent_id", "session_id", "sequence", "capture_time_ns", "send_time_ns", "pose", "calibration", "grid", "codec_id", "rate_level", "feature_dtype", "tiles", "tile_count", "chunk_index", "chunk_count", "detections", "auth_token", "odometry", "pose_correction_sequence", "scan_blocks")
+    __slots__ = ("agent_id", "session_id", "sequence", "capture_time_ns", "send_time_ns", "pose", "calibration", "grid", "codec_id", "rate_level", "feature_dtype", "tiles", "tile_count", "chunk_index", "chunk_count", "detections", "auth_token", "odometry", "pose_correction_sequence", "scan_blocks", "own_pose")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class FeatureFrame(_message.Message):
     ODOMETRY_FIELD_NUMBER: _ClassVar[int]
     POSE_CORRECTION_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SCAN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    OWN_POSE_FIELD_NUMBER: _ClassVar[int]
     agent_id: int
     session_id: int
     sequence: int
@@ -198,7 +199,8 @@ class FeatureFrame(_message.Message):
     odometry: Pose
     pose_correction_sequence: int
     scan_blocks: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, agent_id: _Optional[int] = ..., session_id: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time_ns: _Optional[int] = ..., send_time_ns: _Optional[int] = ..., pose: _Optional[_Union[Pose, _Mapping]] = ..., calibration: _Optional[_Union[SensorCalibration, _Mapping]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., rate_level: _Optional[int] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., tile_count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., auth_token: _Optional[str] = ..., odometry: _Optional[_Union[Pose, _Mapping]] = ..., pose_correction_sequence: _Optional[int] = ..., scan_blocks: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    own_pose: Pose
+    def __init__(self, agent_id: _Optional[int] = ..., session_id: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time_ns: _Optional[int] = ..., send_time_ns: _Optional[int] = ..., pose: _Optional[_Union[Pose, _Mapping]] = ..., calibration: _Optional[_Union[SensorCalibration, _Mapping]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., rate_level: _Optional[int] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., tile_count: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., auth_token: _Optional[str] = ..., odometry: _Optional[_Union[Pose, _Mapping]] = ..., pose_correction_sequence: _Optional[int] = ..., scan_blocks: _Optional[_Iterable[bytes]] = ..., own_pose: _Optional[_Union[Pose, _Mapping]] = ...) -> None: ...
 
 class LinkReport(_message.Message):
     __slots__ = ("window_ms", "loss_fraction", "delivered_bitrate_bps", "rtt_ms", "frames_late", "last_sequence", "queueing_delay_ms")

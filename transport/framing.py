@@ -134,12 +134,14 @@ def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_f
                   feature_dtype: int = FeatureDtype.FEATURE_DTYPE_UNSPECIFIED, auth_token: str = "",
                   pose_covariance: np.ndarray | None = None, odom_from_agent: np.ndarray | None = None,
                   odometry_covariance: np.ndarray | None = None, pose_correction_sequence: int = 0,
-                  scan_blocks: Iterable[bytes] = ()) -> FeatureFrame:
+                  scan_blocks: Iterable[bytes] = (), own_pose: np.ndarray | None = None,
+                  own_pose_covariance: np.ndarray | None = None) -> FeatureFrame:
     """One agent-frame as a message (unchunked). ``feature_dtype`` matters for :data:`RAW_CODEC_ID` only.
 
     ``pose_covariance`` and ``odometry_covariance`` are ``[6, 6]`` (see ``Pose.covariance``);
     ``odom_from_agent`` is the agent's dead-reckoned pose (``FeatureFrame.odometry``); ``scan_blocks``
-    a registration scan (:func:`models.scan.pack_scan`).
+    a registration scan (:func:`models.scan.pack_scan`); ``own_pose`` where the agent's own GNSS/INS alone
+    puts the frame (``FeatureFrame.own_pose``, with its ``[6, 6]`` covariance).
     """
     return FeatureFrame(agent_id=agent_id, session_id=session_id, sequence=sequence,
                         capture_time_ns=capture_time_ns, send_time_ns=send_time_ns,
@@ -151,7 +153,8 @@ def feature_frame(*, agent_id: int, sequence: int, capture_time_ns: int, world_f
                         detections=boxes_to_proto(detections) if detections is not None else [],
                         odometry=(pose_to_proto(odom_from_agent, odometry_covariance)
                                   if odom_from_agent is not None else None),
-                        pose_correction_sequence=pose_correction_sequence, scan_blocks=list(scan_blocks))
+                        pose_correction_sequence=pose_correction_sequence, scan_blocks=list(scan_blocks),
+                        own_pose=pose_to_proto(own_pose, own_pose_covariance) if own_pose is not None else None)
 
 
 def grid_from_proto(spec: BevGridSpec) -> GridSpec:
