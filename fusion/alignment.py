@@ -81,6 +81,10 @@ class CorrectionConfig(BaseModel):
     """Probed only when the fit's variance one way is this many times the other's (walls mostly one way)."""
     scan_probe_tolerance_m: float = Field(0.05, gt=0.0)
     """Where those probes settle farther than this from the fit, the spread is added to its variance that way."""
+    reopen_after: int = Field(2, ge=1)
+    """After this many fits in a row (scans or objects) disagree with an agent's track, the track is reopened to
+    the uncertainty of the agent's own fix and the fit tried again: a track that odometry led astray
+    confidently (a wrong scan match it took as precise) would otherwise refuse every fit that could fix it."""
     scan_effective_points: int = Field(50, ge=1)
     """The fit's covariance counts the matches as at most this many independent ones (neighbouring
     points on one wall err alike)."""
@@ -362,11 +366,13 @@ class CorrectorCounters:
     """Frames whose registration scan was matched and folded in."""
     scans_not_used: dict[str, int] = field(default_factory=dict)
     """Frames with a scan that was not used, by reason."""
+    reopened: int = 0
+    """Times the track was reopened after fits in a row disagreed with it."""
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "applied": self.applied, "refused": self.refused,
                 "not_applied": dict(self.not_applied), "scans_matched": self.scans_matched,
-                "scans_not_used": dict(self.scans_not_used)}
+                "scans_not_used": dict(self.scans_not_used), "reopened": self.reopened}
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +409,11 @@ class RelativeTrack:
         self.reference_id = reference_id
         self.state = view.ref_from_agent.copy()
         self.covariance = reported_cov
+        self.fix_covariance = reported_cov
+        """Covariance of the latest independent fix of the relative pose (reported or own GNSS): how far the track
+        is reopened when fits keep disagreeing with it."""
+        self.disagreements = 0
+        """Fits in a row that disagreed with the track."""
         self.sequences = (reference.sequence, view.sequence)
         self.odometry = (reference.odom_from_agent, view.odom_from_agent)
 
@@ -504,6 +515,7 @@ class PoseCorrector:
         fix, fix_cov = view.ref_from_agent, reported_cov
         if view.own_fix is not None:
             fix, fix_cov = view.own_fix, relative_prior(ref_sigma, self._sigma(view.own_fix_sigma), view.own_fix[:2, 3])
+        track.fix_covariance = fix_cov
         if track.update(planar_error(fix, track.state), fix_cov) is None:
             log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
             track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
@@ -521,13 +533,29 @@ class PoseCorrector:
         reason = ""
         if fit is None:
             reason = "too few scan points matched"
-        elif track.update(fit.delta, fit.covariance) is None:
+        elif not self._fold_fit(view.agent_id, track, fit):
             reason = "scan fit disagrees with the track"
         if reason:
             counters.scans_not_used[reason] = counters.scans_not_used.get(reason, 0) + 1
             return False
         counters.scans_matched += 1
         return True
+
+    def _fold_fit(self, agent_id: int, track: RelativeTrack, fit: Registration) -> bool:
+        """Fold a fit into the track; after :attr:`CorrectionConfig.reopen_after` disagreeing fits in a row, reopen
+        the track to its latest fix's uncertainty and try again (counted). Returns whether it was folded in."""
+        if track.update(fit.delta, fit.covariance) is not None:
+            track.disagreements = 0
+            return True
+        track.disagreements += 1
+        if track.disagreements < self.config.reopen_after:
+            return False
+        track.covariance = track.covariance + track.fix_covariance
+        track.disagreements = 0
+        counters = self.counters.setdefault(agent_id, CorrectorCounters())
+        counters.reopened += 1
+        log.info("agent %d: %d fits in a row disagreed with its track; reopened", agent_id, self.config.reopen_after)
+        return track.update(fit.delta, fit.covariance) is not None
 
     def _usable(self, detections: np.ndarray) -> np.ndarray:
         detections = np.asarray(detections, dtype=np.float64)
@@ -553,7 +581,7 @@ class PoseCorrector:
             reason = "too few common objects"
         else:
             matches = fit.matches
-            if track.update(fit.delta, fit.covariance) is None:
+            if not self._fold_fit(view.agent_id, track, fit):
                 reason = "fit disagrees with the reported covariance"
         estimate = track.state
         delta = planar_error(estimate, reported)

@@ -18,12 +18,13 @@ import pytest
 from agents import AgentNode, AgentNodeConfig, FrameSource, SourceConfig, WorldConfig
 from agents.node import bev_input
 from agents.odometry import OdometryConfig
+from agents.pose import PoseCorrectionConfig, TrackedPose
 from models.scan import ScanConfig
 from fusion import FusionConfig, FusionNode
 from fusion.alignment import CorrectionConfig, correction_matrix, planar_delta
 from models.codec_train import load_codec
 from models.detector import load_checkpoint
-from models.geometry import invert_se3
+from models.geometry import invert_se3, perturb_pose
 from protos import CameraCalibration
 from transport import pose_from_proto
 
@@ -55,10 +56,13 @@ def models():
     return detector.eval(), codec.eval()
 
 
-def _agents(models, errors: dict[int, np.ndarray], world: WorldConfig = WORLD) -> dict[int, AgentNode]:
+def _agents(models, errors: dict[int, np.ndarray], world: WorldConfig = WORLD, track: bool = False
+            ) -> dict[int, AgentNode]:
+    """Agents with odometry; ``track``: they track their pose and fold in every estimate (else a steady offset)."""
     detector, codec = models
     return {a: AgentNode(AgentNodeConfig(agent_id=a, source=SourceConfig(world=world),
-                                         odometry=OdometryConfig(enabled=True)),
+                                         odometry=OdometryConfig(enabled=True),
+                                         pose_correction=PoseCorrectionConfig(track=track)),
                          detector, codec, _Mounted(a, errors.get(a, np.eye(4)), world)) for a in (0, 1, -1)}
 
 
@@ -114,6 +118,7 @@ async def test_bad_odometry_covariance_and_calibration_are_set_aside_and_counted
         bad.calibration.cameras.append(CameraCalibration(name="camera0", width_px=400, height_px=300,
                                                          intrinsic=[-100, 0, 200, 0, 100, 150, 0, 0, 1]))
         bad.calibration.cameras[0].agent_from_camera.row_major.extend(np.eye(4).ravel().tolist())
+        bad.own_pose.yaw_rad = math.inf
         for k in range(2):
             for a in agents:
                 await node._receive(node._state(a, "grpc"), frames[a][k], frames[a][k].ByteSize())
@@ -125,7 +130,7 @@ async def test_bad_odometry_covariance_and_calibration_are_set_aside_and_counted
     one = next(c for c in fused.contributions if c.agent_id == 1)
     assert one.tiles_fresh == frames[1][1].tile_count  # the frame itself was fused
     set_aside = node.counters()["agents"]["1"]["set_aside"]
-    assert set_aside == {"pose covariance": 1, "odometry": 1, "calibration": 1}, set_aside
+    assert set_aside == {"pose covariance": 1, "odometry": 1, "own pose": 1, "calibration": 1}, set_aside
     assert node.agents[1].frames_refused == 0
 
 
@@ -167,6 +172,7 @@ async def test_registration_scans_travel_with_frames_and_are_matched_and_a_bad_o
     detector, codec = models
     agents = {a: AgentNode(AgentNodeConfig(agent_id=a, source=SourceConfig(world=WORLD),
                                            odometry=OdometryConfig(enabled=True),
+                                           pose_correction=PoseCorrectionConfig(track=False),
                                            registration_scan=ScanConfig(enabled=True, every_frames=1 if a == 0 else 2)),
                            detector, codec, _Mounted(a, MOUNT_ERROR if a == 1 else np.eye(4))) for a in (0, 1, -1)}
     node = _node(models)
@@ -199,3 +205,68 @@ async def test_registration_scans_travel_with_frames_and_are_matched_and_a_bad_o
     truth = reported @ bev_from_ground @ MOUNT_ERROR @ invert_se3(bev_from_ground)  # its mount error, in its BEV frame
     metres, degrees = _error(track.state, truth)
     assert metres < 0.06 and degrees < 0.05, (metres, degrees)  # object lists alone: 0.09 m, 0.09 deg here
+
+
+class _Noisy(FrameSource):
+    """The world's frames with a fresh GNSS error every frame (0.6 m and 0.6 degrees), stated in the covariance."""
+
+    SIGMA = 0.6
+
+    def __init__(self, agent_id: int, world: WorldConfig = WORLD) -> None:
+        super().__init__(SourceConfig(world=world), agent_id)
+
+    def frame(self, index: int):
+        agent = super().frame(index)
+        rng = np.random.default_rng([index, self.agent_id + 100])
+        stated = np.diag([self.SIGMA ** 2, self.SIGMA ** 2, 0.0, 0.0, 0.0, np.deg2rad(self.SIGMA) ** 2])
+        return dataclasses.replace(agent, world_from_lidar=perturb_pose(agent.world_from_lidar, self.SIGMA, self.SIGMA, rng),
+                                   pose_covariance=stated)
+
+
+async def test_agents_that_track_their_pose_take_every_estimate_and_send_frames_that_line_up(models) -> None:
+    """White GNSS noise: an offset learnt from one frame cannot fix the next, so the node sends a tracking agent
+    every estimate it measured; the agent carries each to its next frame with its odometry and builds that frame
+    there. The frames it sends then sit close to where they really are relative to the ego's (what lets the
+    node warp them by whole cells), and each carries the agent's own GNSS fix apart."""
+    detector, codec = models
+    agents = {a: AgentNode(AgentNodeConfig(agent_id=a, source=SourceConfig(world=WORLD),
+                                           odometry=OdometryConfig(enabled=True),
+                                           registration_scan=ScanConfig(enabled=True, every_frames=1 if a == 0 else 2)),
+                           detector, codec, _Noisy(a)) for a in (0, 1, -1)}
+    assert all(isinstance(agent.pose, TrackedPose) for agent in agents.values())  # odometry on: tracked by default
+    node = _node(models)
+    start = (time.time_ns() // PERIOD_NS) * PERIOD_NS
+    sent_errors, own_errors = [], []
+    try:
+        for a, agent in agents.items():
+            node._state(a, "grpc").send_control = agent._on_control
+        for k in range(WORLD.frames):
+            frames = {}
+            for a, agent in agents.items():
+                frames[a] = agent.compute(k, start + k * PERIOD_NS)
+                assert frames[a].HasField("own_pose")
+                await node._receive(node.agents[a] if a in node.agents else node._state(a, "grpc"), frames[a],
+                                    frames[a].ByteSize())
+            node.fuse_slot(node.slot_of(start + k * PERIOD_NS))
+            node._send_corrections()
+            truth = {}  # where each sent frame really is: its own fix moved by the fix's true error
+            for a in (0, 1):
+                own = agents[a].source.frame(k)
+                true_lidar = agents[a].source._world.true_world_from_lidar(k, a)
+                truth[a] = true_lidar @ invert_se3(own.world_from_lidar) @ pose_from_proto(frames[a].own_pose)
+            sent = invert_se3(pose_from_proto(frames[0].pose)) @ pose_from_proto(frames[1].pose)
+            own_fix = invert_se3(pose_from_proto(frames[0].own_pose)) @ pose_from_proto(frames[1].own_pose)
+            real = invert_se3(truth[0]) @ truth[1]
+            sent_errors.append(_error(sent, real))
+            own_errors.append(_error(own_fix, real))
+    finally:
+        node._torch_thread.shutdown()
+        for agent in agents.values():
+            agent._compute_thread.shutdown()
+    assert node.agents[1].corrections_sent >= WORLD.frames // 2
+    assert agents[1].pose.applied >= WORLD.frames // 2 and agents[1].pose.refused == 0
+    assert agents[0].pose.applied == 0  # the ego is the reference
+    late = np.array(sent_errors[8:])
+    own = np.array(own_errors[8:])
+    assert np.median(own[:, 0]) > 0.5  # two GNSS fixes of 0.6 m apart
+    assert np.median(late[:, 0]) < 0.25 and np.median(late[:, 1]) < 0.15, late
