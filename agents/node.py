@@ -427,7 +427,8 @@ class AgentNode:
         common = {"agent_id": self.config.agent_id, "sequence": index, "capture_time_ns": capture_time_ns,
                   "world_from_agent": world_from_bev, "grid": self.grid, "detections": detections[:, :9],
                   "pose_covariance": agent.pose_covariance, "pose_correction_sequence": correction,
-                  "scan_blocks": self._scan(index, points), **motion}
+                  "scan_blocks": self._scan(index, points, None if tracked is None else tracked[1][1].xy_m),
+                  **motion}
         if self.codec is None:
             dtype = np.float16 if self.config.raw_dtype == "float16" else np.float32
             payload = features[0].cpu().numpy().astype(dtype).tobytes()
@@ -448,11 +449,12 @@ class AgentNode:
         return feature_frame(codec_id=self.codec.codec_id, rate_level=coded.level, tiles=coded.tiles,
                              tile_count=self.codec.tile_count(coded.feature_shape), **common)
 
-    def _scan(self, index: int, points_bev: np.ndarray) -> list[bytes]:
-        """This frame's registration scan (BEV frame, packed), on the frames :func:`models.scan.scan_due` names.
-        Frames are numbered on the shared sensor clock, so the agents' turns do not drift apart."""
+    def _scan(self, index: int, points_bev: np.ndarray, sigma_xy_m: float | None = None) -> list[bytes]:
+        """This frame's registration scan (BEV frame, packed), on the frames :func:`models.scan.scan_due` names
+        (``sigma_xy_m``: a tracked pose's uncertainty). Frames are numbered on the shared sensor clock, so the
+        agents' turns do not drift apart."""
         config = self.config.registration_scan
-        if not scan_due(config, self.config.agent_id, index):
+        if not scan_due(config, self.config.agent_id, index, sigma_xy_m):
             return []
         return pack_scan(thin_scan(points_bev, config), config)
 

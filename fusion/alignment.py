@@ -405,15 +405,17 @@ class RelativeTrack:
     error is a shift of the agent's origin and a turn about it, in the reference's axes.
     """
 
-    def __init__(self, reference_id: int, view: AgentView, reference: AgentView, reported_cov: np.ndarray) -> None:
+    def __init__(self, reference_id: int, view: AgentView, reference: AgentView, reported_cov: np.ndarray,
+                 start: np.ndarray | None = None) -> None:
         self.reference_id = reference_id
-        self.state = view.ref_from_agent.copy()
+        self.state = (view.ref_from_agent if start is None else start).copy()
         self.covariance = reported_cov
         self.fix_covariance = reported_cov
         """Covariance of the latest independent fix of the relative pose (reported or own GNSS): how far the track
         is reopened when fits keep disagreeing with it."""
-        self.disagreements = 0
-        """Fits in a row that disagreed with the track."""
+        self.disagreements = {"scan": 0, "objects": 0}
+        """Fits of each kind in a row that disagreed with the track (a coarse object fit that agrees with a track
+        gone astray must not hide the precise scan fits that keep disagreeing)."""
         self.sequences = (reference.sequence, view.sequence)
         self.odometry = (reference.odom_from_agent, view.odom_from_agent)
 
@@ -502,23 +504,24 @@ class PoseCorrector:
         return out
 
     def _track(self, reference: AgentView, view: AgentView, ref_sigma: PlanarSigma) -> RelativeTrack | None:
-        """The agent's track, moved to this frame and updated with the reported relative pose."""
+        """The agent's track, moved to this frame and updated with the reported relative pose (or, when the frame
+        carries one, the agent's own fix). A new track starts at that fix, with its covariance: a tracked pose
+        carries this node's own earlier estimates, whose certainty a restarted track must not take on trust."""
         if not self.config.enabled:
             return None
-        reported_cov = relative_prior(ref_sigma, self._sigma(view.sigma), view.ref_from_agent[:2, 3])
+        fix, fix_cov = view.ref_from_agent, relative_prior(ref_sigma, self._sigma(view.sigma), view.ref_from_agent[:2, 3])
+        if view.own_fix is not None:
+            fix, fix_cov = view.own_fix, relative_prior(ref_sigma, self._sigma(view.own_fix_sigma), view.own_fix[:2, 3])
         track = self._tracks.get(view.agent_id)
         if track is None or track.reference_id != reference.agent_id or not track.can_predict(
                 reference, view, self.max_gap_frames):
-            track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
+            track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, fix_cov, fix)
             return track
         track.predict(reference, view)
-        fix, fix_cov = view.ref_from_agent, reported_cov
-        if view.own_fix is not None:
-            fix, fix_cov = view.own_fix, relative_prior(ref_sigma, self._sigma(view.own_fix_sigma), view.own_fix[:2, 3])
         track.fix_covariance = fix_cov
         if track.update(planar_error(fix, track.state), fix_cov) is None:
             log.info("agent %d: reported pose far from its track; track restarted", view.agent_id)
-            track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, reported_cov)
+            track = self._tracks[view.agent_id] = RelativeTrack(reference.agent_id, view, reference, fix_cov, fix)
         return track
 
     def _match_scan(self, reference: AgentView, view: AgentView, track: RelativeTrack | None) -> bool:
@@ -533,7 +536,7 @@ class PoseCorrector:
         reason = ""
         if fit is None:
             reason = "too few scan points matched"
-        elif not self._fold_fit(view.agent_id, track, fit):
+        elif not self._fold_fit(view.agent_id, track, fit, "scan"):
             reason = "scan fit disagrees with the track"
         if reason:
             counters.scans_not_used[reason] = counters.scans_not_used.get(reason, 0) + 1
@@ -541,17 +544,18 @@ class PoseCorrector:
         counters.scans_matched += 1
         return True
 
-    def _fold_fit(self, agent_id: int, track: RelativeTrack, fit: Registration) -> bool:
-        """Fold a fit into the track; after :attr:`CorrectionConfig.reopen_after` disagreeing fits in a row, reopen
-        the track to its latest fix's uncertainty and try again (counted). Returns whether it was folded in."""
+    def _fold_fit(self, agent_id: int, track: RelativeTrack, fit: Registration, kind: str) -> bool:
+        """Fold a fit (``kind`` scan or objects) into the track; after :attr:`CorrectionConfig.reopen_after` fits of
+        that kind in a row disagreed, reopen the track to its latest fix's uncertainty and try again (counted).
+        Returns whether it was folded in."""
         if track.update(fit.delta, fit.covariance) is not None:
-            track.disagreements = 0
+            track.disagreements[kind] = 0
             return True
-        track.disagreements += 1
-        if track.disagreements < self.config.reopen_after:
+        track.disagreements[kind] += 1
+        if track.disagreements[kind] < self.config.reopen_after:
             return False
         track.covariance = track.covariance + track.fix_covariance
-        track.disagreements = 0
+        track.disagreements[kind] = 0
         counters = self.counters.setdefault(agent_id, CorrectorCounters())
         counters.reopened += 1
         log.info("agent %d: %d fits in a row disagreed with its track; reopened", agent_id, self.config.reopen_after)
@@ -581,7 +585,7 @@ class PoseCorrector:
             reason = "too few common objects"
         else:
             matches = fit.matches
-            if not self._fold_fit(view.agent_id, track, fit):
+            if not self._fold_fit(view.agent_id, track, fit, "objects"):
                 reason = "fit disagrees with the reported covariance"
         estimate = track.state
         delta = planar_error(estimate, reported)

@@ -3,10 +3,19 @@
 The held-out world is generated once; each noise level then replaces every agent's reported pose by
 the true one with Gaussian errors (position in metres, heading in degrees, turned about the agent),
 the same unit draws scaled by the level, so levels differ only in size. Agents report the covariance
-of their pose error, as a GNSS/INS does. Per frame every agent detects alone; the corrector
-(:class:`fusion.alignment.PoseCorrector`, as the fusion node runs it) registers their object lists and
-matches their registration scans (sent as ``launch/pose-noise.yaml`` has agents send them);
-intermediate and late fusion then run on the reported, the corrected and the exact relative poses.
+of their pose error, as a GNSS/INS does. Each level runs twice over the frames:
+
+* open loop: every agent builds its BEV frame at its noisy pose and detects alone; the corrector
+  (:class:`fusion.alignment.PoseCorrector`) registers their object lists and matches their registration
+  scans, and intermediate and late fusion run on the reported, the corrected and the exact relative
+  poses (the ``ablation``);
+* closed loop (``correction: true`` in ``runs``): what the live system does. Every agent tracks its own
+  pose (:class:`agents.pose.TrackedPose`: its odometry, its GNSS and every estimate the node sent back,
+  ``--feedback-delay`` frames after its frame) and builds its BEV frame there; the node corrects as
+  above, weighing each agent's own GNSS fix, and fuses.
+
+Agents send registration scans as ``launch/pose-noise.yaml`` has them sent (the ego's with every frame,
+the others' in turns every ``--scan-every`` frames), packed and unpacked as on the wire.
 """
 
 from __future__ import annotations
@@ -199,7 +208,7 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
         step = odometry[(index, agent_id)]
         config = loop["scan_config"].model_copy(update={"every_frames": 1}) if k == 0 else loop["scan_config"]
         scan = None
-        if scan_due(config, agent_id, index):
+        if scan_due(config, agent_id, index, sigmas[agent_id].xy_m):
             blocks = pack_scan(thin_scan(sample.points[k], config), config)
             scan = unpack_scan(blocks)
             if k > 0:

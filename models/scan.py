@@ -47,6 +47,10 @@ class ScanConfig(BaseModel):
     is the agent's id modulo it, so that agents take turns and the fusion node matches about one scan per
     frame rather than every agent's at once. The ego's agent, beside the fusion node on a local link,
     sends one with every frame (``every_frames: 1``) so that each scan finds one to be matched onto."""
+    uncertain_sigma_m: float = Field(0.15, ge=0.0)
+    """An agent that tracks its pose (:class:`agents.pose.TrackedPose`) sends a scan with every frame while its
+    position is less certain than this (standard deviation; 0: never): until the fusion node's first estimates
+    come back, or when they stop coming, a scan is what fixes it to centimetres."""
     voxel_m: float = Field(1.0, gt=0.0)
     """One point per voxel of this edge."""
     min_height_m: float = Field(0.3, ge=0.0)
@@ -61,9 +65,11 @@ class ScanConfig(BaseModel):
     z_resolution_m: float = Field(0.1, gt=0.0)
 
 
-def scan_due(config: ScanConfig, agent_id: int, index: int) -> bool:
-    """Whether frame ``index`` of agent ``agent_id`` carries a scan (see :attr:`ScanConfig.every_frames`)."""
-    return config.enabled and index % config.every_frames == agent_id % config.every_frames
+def scan_due(config: ScanConfig, agent_id: int, index: int, sigma_xy_m: float | None = None) -> bool:
+    """Whether frame ``index`` of agent ``agent_id`` carries a scan (see :attr:`ScanConfig.every_frames`; with the
+    agent's tracked position uncertainty ``sigma_xy_m``, also :attr:`ScanConfig.uncertain_sigma_m`)."""
+    uncertain = sigma_xy_m is not None and 0.0 < config.uncertain_sigma_m < sigma_xy_m
+    return config.enabled and (uncertain or index % config.every_frames == agent_id % config.every_frames)
 
 
 def thin_scan(points: np.ndarray, config: ScanConfig) -> np.ndarray:

@@ -135,6 +135,7 @@ def full_feature_frame() -> protos.FeatureFrame:
         odometry=_pose(3.0),
         pose_correction_sequence=1099511627700,
         scan_blocks=[b"RS\x01block"],
+        own_pose=_pose(4.0),
     )
 
 
