@@ -221,3 +221,43 @@ def test_the_pruned_hypothesis_search_finds_what_scoring_every_hypothesis_finds(
         best, count = _best_hypothesis(ref_xy, agent_xy, rotations, shifts, 0.6)
         assert count == exhaustive[0]
         assert _score(ref_xy, agent_xy @ best[0].T + best[1], 0.6) == exhaustive
+
+
+def _view(agent_id: int, ref_from_agent: np.ndarray, sequence: int, own_fix: np.ndarray | None = None) -> AgentView:
+    """A view with exact, still odometry and no detections."""
+    return AgentView(agent_id, ref_from_agent, np.zeros((0, 8)), PlanarSigma(0.05, np.deg2rad(0.05)), sequence,
+                     np.eye(4), PlanarSigma(0.01, np.deg2rad(0.01)), own_fix=own_fix, own_fix_sigma=SIGMA)
+
+
+def test_a_confident_track_gone_astray_is_reopened_by_fits_that_keep_disagreeing() -> None:
+    """The track holds the agent 1 m off with centimetre confidence; precise fits keep saying so. One
+    disagreeing fit is refused (it may be the wrong one); the second in a row reopens the track to its fix's
+    uncertainty and is taken. A coarse object fit that agrees in between does not reset the scans' count."""
+    from fusion.alignment import Registration
+
+    corrector = PoseCorrector(CorrectionConfig(reopen_after=2))
+    truth = _pose(20.0, 5.0, 0.0)
+    believed = _pose(21.0, 5.0, 0.0)
+    reference = _view(0, np.eye(4), 0)
+    corrector.correct(reference, [_view(1, believed, 0, own_fix=believed)])
+    track = corrector._tracks[1]
+    track.covariance = np.diag([0.02 ** 2, 0.02 ** 2, np.deg2rad(0.02) ** 2])
+    scan_fit = Registration(delta=np.array([-1.0, 0.0, 0.0]), covariance=np.diag([0.03 ** 2, 0.03 ** 2, 1e-6]),
+                            matches=200, rms_m=0.03)
+    agreeing = Registration(delta=np.zeros(3), covariance=np.diag([0.5, 0.5, 0.01]), matches=4, rms_m=0.5)
+    assert not corrector._fold_fit(1, track, scan_fit, "scan")
+    assert corrector._fold_fit(1, track, agreeing, "objects")
+    assert corrector._fold_fit(1, track, scan_fit, "scan")
+    assert _error(track.state, truth)[0] < 0.1
+    assert corrector.counters[1].as_dict()["reopened"] == 1
+
+
+def test_a_tracked_agent_s_track_follows_its_own_fix_and_restarts_there() -> None:
+    """An agent whose frames carry the node's own estimates (``own_fix`` set): a new track starts at its own
+    GNSS fix with that fix's uncertainty, not at the tracked pose with the tracked pose's."""
+    corrector = PoseCorrector(CorrectionConfig())
+    tracked, own = _pose(20.0, 5.0, 0.0), _pose(20.4, 5.3, 0.3)
+    corrector.correct(_view(0, np.eye(4), 0), [_view(1, tracked, 0, own_fix=own)])
+    track = corrector._tracks[1]
+    assert _error(track.state, own) == pytest.approx((0.0, 0.0), abs=1e-9)
+    assert np.sqrt(track.covariance[0, 0]) > 0.5  # the fix's 0.6 m, not the tracked pose's 0.05 m

@@ -154,3 +154,13 @@ def test_agents_take_turns_with_their_scans() -> None:
     due = {a: [k for k in range(9) if scan_due(config, a, k)] for a in (0, 1, -1, 2)}
     assert due == {0: [0, 3, 6], 1: [1, 4, 7], -1: [2, 5, 8], 2: [2, 5, 8]}
     assert not any(scan_due(ScanConfig(every_frames=1), 0, k) for k in range(3))  # off unless enabled
+
+
+def test_an_uncertain_tracked_agent_sends_a_scan_with_every_frame() -> None:
+    from models.scan import scan_due
+
+    config = ScanConfig(enabled=True, every_frames=3, uncertain_sigma_m=0.15)
+    assert [k for k in range(6) if scan_due(config, 1, k, sigma_xy_m=0.05)] == [1, 4]  # certain: its turns only
+    assert [k for k in range(6) if scan_due(config, 1, k, sigma_xy_m=0.4)] == list(range(6))
+    assert [k for k in range(6) if scan_due(config.model_copy(update={"uncertain_sigma_m": 0.0}), 1, k, 0.4)] == [1, 4]
+    assert not scan_due(config.model_copy(update={"enabled": False}), 1, 1, 0.4)
