@@ -741,6 +741,10 @@ class FusionNode(FusionServicer):
             (a for a in self.agents if a >= 0), default=ego)
         fused.ego_agent_id = ego
         fused.reference_pose.CopyFrom(pose_to_proto(world_from_reference))
+        ego_latest = reference[0].latest
+        if ego_latest is not None and ego_latest.own_pose is not None:  # the same world shift at the slot's pose
+            fused.reference_own_pose.CopyFrom(pose_to_proto(
+                ego_latest.own_pose @ invert_se3(ego_latest.world_from_agent) @ world_from_reference))
         fused.boxes.extend(boxes_to_proto(boxes[:, :9]))
         ref_own = reference[2]
         fused.capture_time_ns = (ref_own.capture_time_ns if ego == intended and ref_own is not None

@@ -285,7 +285,10 @@ def _score(progress_: Progress, fused: FusedFrame, truth: GroundTruth | None, st
     if truth is None or not 0 <= index < len(truth.boxes) or not used:
         return
     gt = truth.boxes[index]
-    ref_from_ego = invert_se3(pose_from_proto(fused.reference_pose)) @ truth.world_from_ego[index]
+    # Ground truth is given in the ego's frame as its own (noisy) pose places it; an ego that tracks its pose
+    # builds its frame elsewhere, and says where its own fix puts that frame (reference_own_pose).
+    reference = fused.reference_own_pose if fused.HasField("reference_own_pose") else fused.reference_pose
+    ref_from_ego = invert_se3(pose_from_proto(reference)) @ truth.world_from_ego[index]
     if not np.allclose(ref_from_ego, np.eye(4), atol=1e-6):
         gt = transform_boxes(ref_from_ego, gt)
     found = boxes_from_proto(fused.boxes)[:, :8]

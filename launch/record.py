@@ -64,7 +64,7 @@ from mcap_protobuf.schema import register_schema
 
 from agents import AgentFrame, AgentKind, Scenario, bev_input
 from agents.opv2v import read_agent_frame
-from models.geometry import opv2v_pose_to_matrix
+from models.geometry import invert_se3, opv2v_pose_to_matrix
 from protos import BevGridSpec, FeatureFrame, FusedFrame, SubscribeRequest
 from transport import boxes_from_proto, pose_from_proto
 
@@ -266,7 +266,11 @@ class Recorder:
             self._write(FUSED_BOXES_TOPIC, _scene("fused", FUSION, boxes_from_proto(fused.boxes), slot_ns,
                                                   _FUSED_COLOR), slot_ns)
         if self.truth is not None and 0 <= index < len(self.truth.boxes):
-            transforms.append(_transform(WORLD, GROUND_TRUTH, self.truth.world_from_ego[index], slot_ns))
+            world_from_truth = self.truth.world_from_ego[index]  # as the ego's own fix places it
+            if fused.HasField("reference_pose") and fused.HasField("reference_own_pose"):  # an ego tracking its pose
+                world_from_truth = (pose_from_proto(fused.reference_pose)
+                                    @ invert_se3(pose_from_proto(fused.reference_own_pose)) @ world_from_truth)
+            transforms.append(_transform(WORLD, GROUND_TRUTH, world_from_truth, slot_ns))
             self._write_truth(index)
         if 0 <= index < len(self.stamps) and index not in self._points_written and self._grid is not None:
             self._points_written.add(index)

@@ -309,11 +309,12 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class FusedFrame(_message.Message):
-    __slots__ = ("sequence", "fusion_time_ns", "ego_agent_id", "reference_pose", "boxes", "contributions", "link_stats", "capture_time_ns", "publish_time_ns", "latency_ms", "stage_timings", "grid", "codec_id", "feature_dtype", "tiles", "agent_frames")
+    __slots__ = ("sequence", "fusion_time_ns", "ego_agent_id", "reference_pose", "reference_own_pose", "boxes", "contributions", "link_stats", "capture_time_ns", "publish_time_ns", "latency_ms", "stage_timings", "grid", "codec_id", "feature_dtype", "tiles", "agent_frames")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FUSION_TIME_NS_FIELD_NUMBER: _ClassVar[int]
     EGO_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_POSE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_OWN_POSE_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     LINK_STATS_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +331,7 @@ class FusedFrame(_message.Message):
     fusion_time_ns: int
     ego_agent_id: int
     reference_pose: Pose
+    reference_own_pose: Pose
     boxes: _containers.RepeatedCompositeFieldContainer[Box3D]
     contributions: _containers.RepeatedCompositeFieldContainer[AgentContribution]
     link_stats: _containers.RepeatedCompositeFieldContainer[LinkStats]
@@ -342,7 +344,7 @@ class FusedFrame(_message.Message):
     feature_dtype: FeatureDtype
     tiles: _containers.RepeatedCompositeFieldContainer[Tile]
     agent_frames: _containers.RepeatedCompositeFieldContainer[FeatureFrame]
-    def __init__(self, sequence: _Optional[int] = ..., fusion_time_ns: _Optional[int] = ..., ego_agent_id: _Optional[int] = ..., reference_pose: _Optional[_Union[Pose, _Mapping]] = ..., boxes: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., contributions: _Optional[_Iterable[_Union[AgentContribution, _Mapping]]] = ..., link_stats: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., capture_time_ns: _Optional[int] = ..., publish_time_ns: _Optional[int] = ..., latency_ms: _Optional[float] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., agent_frames: _Optional[_Iterable[_Union[FeatureFrame, _Mapping]]] = ...) -> None: ...
+    def __init__(self, sequence: _Optional[int] = ..., fusion_time_ns: _Optional[int] = ..., ego_agent_id: _Optional[int] = ..., reference_pose: _Optional[_Union[Pose, _Mapping]] = ..., reference_own_pose: _Optional[_Union[Pose, _Mapping]] = ..., boxes: _Optional[_Iterable[_Union[Box3D, _Mapping]]] = ..., contributions: _Optional[_Iterable[_Union[AgentContribution, _Mapping]]] = ..., link_stats: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., capture_time_ns: _Optional[int] = ..., publish_time_ns: _Optional[int] = ..., latency_ms: _Optional[float] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., grid: _Optional[_Union[BevGridSpec, _Mapping]] = ..., codec_id: _Optional[str] = ..., feature_dtype: _Optional[_Union[FeatureDtype, str]] = ..., tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., agent_frames: _Optional[_Iterable[_Union[FeatureFrame, _Mapping]]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("include_features", "agent_ids", "min_score", "max_rate_hz", "include_agent_frames")
