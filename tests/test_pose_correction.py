@@ -247,8 +247,10 @@ async def test_agents_that_track_their_pose_take_every_estimate_and_send_frames_
                 assert frames[a].HasField("own_pose")
                 await node._receive(node.agents[a] if a in node.agents else node._state(a, "grpc"), frames[a],
                                     frames[a].ByteSize())
-            node.fuse_slot(node.slot_of(start + k * PERIOD_NS))
+            fused, _ = node.fuse_slot(node.slot_of(start + k * PERIOD_NS))
             node._send_corrections()
+            # The fused frame is the ego's; where the ego's own fix puts it goes with it (for ground truth).
+            assert np.allclose(pose_from_proto(fused.reference_own_pose), pose_from_proto(frames[0].own_pose), atol=1e-6)
             truth = {}  # where each sent frame really is: its own fix moved by the fix's true error
             for a in (0, 1):
                 own = agents[a].source.frame(k)

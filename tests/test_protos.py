@@ -146,6 +146,7 @@ def full_fused_frame(sequence: int = 1) -> protos.FusedFrame:
         fusion_time_ns=1_700_000_000_200_000_000,
         ego_agent_id=1,
         reference_pose=_pose(-7.0),
+        reference_own_pose=_pose(-8.0),
         boxes=_boxes(),
         contributions=[
             protos.AgentContribution(
