@@ -167,23 +167,25 @@ def _pose_extras(frame: FeatureFrame) -> tuple:
     except CalibrationError as err:
         set_aside.append(str(err))
     if frame.HasField("odometry"):
-        try:
-            estimate = pose_estimate_from_proto(frame.odometry, "odometry")
-            odometry, odometry_sigma = np.array(estimate.world_from_agent), _sigma(estimate.covariance)
-        except CalibrationError as err:
-            set_aside.append(str(err))
+        odometry, odometry_sigma = _optional_pose(frame.odometry, "odometry", set_aside)
     if frame.HasField("own_pose"):
-        try:
-            estimate = pose_estimate_from_proto(frame.own_pose, "own pose")
-            own_pose, own_sigma = np.array(estimate.world_from_agent), _sigma(estimate.covariance)
-        except CalibrationError as err:
-            set_aside.append(str(err))
+        own_pose, own_sigma = _optional_pose(frame.own_pose, "own pose", set_aside)
     if frame.HasField("calibration"):
         try:
             calibration_from_proto(frame.calibration, "calibration")
         except CalibrationError as err:
             set_aside.append(str(err))
     return pose_sigma, odometry, odometry_sigma, own_pose, own_sigma, tuple(set_aside)
+
+
+def _optional_pose(pose, what: str, set_aside: list[str]) -> tuple[np.ndarray | None, PlanarSigma | None]:
+    """A pose beside the frame's own and its planar uncertainty, or (None, None) with the reason set aside."""
+    try:
+        estimate = pose_estimate_from_proto(pose, what)
+    except CalibrationError as err:
+        set_aside.append(str(err))
+        return None, None
+    return np.array(estimate.world_from_agent), _sigma(estimate.covariance)
 
 
 def _raw_features(frame: FeatureFrame, shape: tuple[int, int, int], device: torch.device

@@ -120,16 +120,26 @@ def odometry_track(frames: list[SceneFrame], config: OdometryConfig, detector: B
 
 
 @torch.no_grad()
+def _sense(detector: BevDetector, frame: SceneFrame) -> tuple:
+    """Every agent's points in its BEV frame (its reported pose's), the agents' order (the ego first), where
+    their frames really are relative to the ego's, which agents sensed anything, their features and their
+    own detections."""
+    device = next(detector.parameters()).device
+    sample = coop_sample(frame, detector.grid, detector.feature_cell_m)
+    order = [frame.ego_id] + [a for a in sorted(frame.agents) if a != frame.ego_id]
+    truth = true_ego_from_agent(frame, order, detector.feature_cell_m)
+    sensing = [k for k, p in enumerate(sample.points) if len(p)]
+    features = detector.features([torch.from_numpy(sample.points[k]).to(device) for k in sensing])
+    per_agent = [d[:, :8].cpu().numpy().astype(np.float64) for d in detector.detect(features)]
+    return sample, order, truth, sensing, features, per_agent
+
+
+@torch.no_grad()
 def _frame_runs(detector: BevDetector, frame: SceneFrame, sigma: float, state: dict, odometry: dict, seed: int):
     """Detections per (fusion, method) for one frame, its ground truth and the pose errors."""
     device = next(detector.parameters()).device
     noisy = noisy_frame(frame, sigma, seed)
-    sample = coop_sample(noisy, detector.grid, detector.feature_cell_m)
-    order = [noisy.ego_id] + [a for a in sorted(noisy.agents) if a != noisy.ego_id]
-    truth = true_ego_from_agent(noisy, order, detector.feature_cell_m)
-    sensing = [k for k, p in enumerate(sample.points) if len(p)]
-    features = detector.features([torch.from_numpy(sample.points[k]).to(device) for k in sensing])
-    per_agent = [d[:, :8].cpu().numpy().astype(np.float64) for d in detector.detect(features)]
+    sample, order, truth, sensing, features, per_agent = _sense(detector, noisy)
     report = PlanarSigma(sigma, float(np.deg2rad(sigma)))
     filtered, odom_from_agent = {}, {}
     for agent_id in order:
@@ -195,13 +205,7 @@ def _closed_loop_frame(detector: BevDetector, frame: SceneFrame, sigma: float, l
         bev[agent_id] = aligned_bev_frame(ground_pose(agents[agent_id]), detector.feature_cell_m)
         loop["tracked"][agent_id].remember_frame(index, bev[agent_id][0], used)
         own_fix[agent_id] = agent.world_from_lidar @ invert_se3(used) @ bev[agent_id][0]  # the frame where GNSS puts it
-    tracked = replace(noisy, agents=agents)
-    sample = coop_sample(tracked, detector.grid, detector.feature_cell_m)
-    order = [tracked.ego_id] + [a for a in sorted(tracked.agents) if a != tracked.ego_id]
-    truth = true_ego_from_agent(tracked, order, detector.feature_cell_m)
-    sensing = [k for k, p in enumerate(sample.points) if len(p)]
-    features = detector.features([torch.from_numpy(sample.points[k]).to(device) for k in sensing])
-    per_agent = [d[:, :8].cpu().numpy().astype(np.float64) for d in detector.detect(features)]
+    sample, order, truth, sensing, features, per_agent = _sense(detector, replace(noisy, agents=agents))
     views = []
     for i, k in enumerate(sensing):
         agent_id = order[k]
