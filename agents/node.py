@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.frames import AgentFrame
-from agents.odometry import LidarOdometry, OdometryConfig
+from agents.odometry import LidarOdometry, OdometryConfig, OdometryStep
 from agents.opv2v import DatasetError, Scenario, read_agent_frame
 from agents.pose import CorrectionRefused, PoseCorrectionConfig, ReportedPose, TrackedPose
 from agents.world import SyntheticWorld, WorldConfig
@@ -81,6 +81,12 @@ def bev_input(agent: AgentFrame, lattice_m: float) -> tuple[np.ndarray, np.ndarr
     world_from_bev, bev_from_ground = aligned_bev_frame(ground_pose(agent), lattice_m)
     points = transform_points(bev_from_ground, ground_points(agent)).astype(np.float32)
     return world_from_bev, bev_from_ground, points
+
+
+def _odometry_fields(step: OdometryStep, ground_from_bev: np.ndarray) -> dict:
+    """A frame's ``odom_from_agent`` (its BEV frame in the odometry frame) and the step's ``[6, 6]`` covariance."""
+    covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
+    return {"odom_from_agent": step.odom_from_ground @ ground_from_bev, "odometry_covariance": covariance}
 
 
 class SourceConfig(BaseModel):
@@ -465,8 +471,7 @@ class AgentNode:
             return {}
         ground_from_bev = invert_se3(bev_from_ground)
         step = self.odometry.step(ground_points(agent), transform_boxes(ground_from_bev, detections[:, :8]))
-        covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
-        return {"odom_from_agent": step.odom_from_ground @ ground_from_bev, "odometry_covariance": covariance}
+        return _odometry_fields(step, ground_from_bev)
 
     def _track(self, index: int, agent: AgentFrame) -> tuple:
         """With a tracked pose: this sweep's odometry (the previous frame's vehicles, moved on by the last motion,
@@ -481,13 +486,12 @@ class AgentNode:
         return step, report
 
     @staticmethod
-    def _tracked_extras(step, own: AgentFrame, corrected: np.ndarray, world_from_bev: np.ndarray,
+    def _tracked_extras(step: OdometryStep, own: AgentFrame, corrected: np.ndarray, world_from_bev: np.ndarray,
                         bev_from_ground: np.ndarray) -> dict:
         """The odometry fields, and where the agent's own fix alone puts the BEV frame (``own_pose``)."""
-        covariance = np.diag([step.sigma_xy_m ** 2, step.sigma_xy_m ** 2, 0.0, 0.0, 0.0, step.sigma_yaw_rad ** 2])
         own_pose = orthonormal(own.world_from_lidar @ invert_se3(corrected) @ world_from_bev)
-        return {"odom_from_agent": step.odom_from_ground @ invert_se3(bev_from_ground), "odometry_covariance": covariance,
-                "own_pose": own_pose, "own_pose_covariance": own.pose_covariance}
+        return {**_odometry_fields(step, invert_se3(bev_from_ground)), "own_pose": own_pose,
+                "own_pose_covariance": own.pose_covariance}
 
     async def run(self) -> AgentCounters:
         """Play the source; returns the counters. Raises ``LinkError`` if the fusion node refuses us."""
