@@ -25,7 +25,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.geometry import invert_se3, planar
-from models.pose_filter import FilterConfig, PlanarSigma, PoseFilter, orthonormal, planar_error
+from models.pose_filter import (QUARTER_TURN, FilteredPose, FilterConfig, PlanarSigma, PoseFilter, orthonormal,
+                                planar_error)
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,10 @@ class TrackedPose:
         while len(self._sent) > self.KEEP:
             del self._sent[min(self._sent)]
         pending, self._pending = self._pending, []
-        for fix in sorted(pending, key=lambda f: f.sequence):
+        for fix in sorted(pending, key=lambda f: f.sequence, reverse=True):  # the newest usable one replaces the rest
             try:
-                filtered = self._fold(sequence, fix, odom_from_own, odometry_sigma) or filtered
+                filtered = self._fold(sequence, fix, odom_from_own, odometry_sigma)
+                break
             except CorrectionRefused as err:
                 self.refused += 1
                 self.last_error = str(err)
@@ -228,7 +230,7 @@ class TrackedPose:
             raise
 
     def _fold(self, sequence: int, fix: _Fix, odom_from_own: np.ndarray | None,
-              odometry_sigma: PlanarSigma | None):
+              odometry_sigma: PlanarSigma | None) -> FilteredPose:
         then = self._sent.get(fix.sequence)
         if then is None or odom_from_own is None or odometry_sigma is None:
             raise CorrectionRefused(f"no odometry from frame {fix.sequence} to frame {sequence}")
@@ -241,7 +243,7 @@ class TrackedPose:
         gap = max(sequence - fix.sequence, 0)
         lever = carried[:2, 3] - fix.world_from_own[:2, 3]
         jacobian = np.eye(3)
-        jacobian[:2, 2] = np.array([-lever[1], lever[0]])  # a turn at that frame swings this one's origin
+        jacobian[:2, 2] = QUARTER_TURN @ lever  # a turn at that frame swings this one's origin
         steps = gap * np.diag([odometry_sigma.xy_m ** 2, odometry_sigma.xy_m ** 2, odometry_sigma.yaw_rad ** 2])
         # The node's estimate already holds what the agent reported up to that frame (and where the fusion frame
         # is): it replaces the track, and this frame's own fix is folded in again (a small gain next to it).

@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fusion.alignment import AgentView, CorrectionConfig, PoseCorrector, PoseHistory
+from fusion.alignment import AgentView, CorrectionConfig, PoseCorrector, PoseHistory, planar_delta
 from models.pose_filter import planar_to_pose_covariance
 from fusion.receive import Contribution, FrameRefused, check_frame, decode_frame, expected_grid
 from fusion.substitute import EvidenceMemory
@@ -659,32 +659,29 @@ class FusionNode(FusionServicer):
             c = state.latest
             if state.agent_id not in corrections or c is None:
                 continue
+            correction = corrections[state.agent_id]
             if c.own_pose is not None:
-                correction = corrections[state.agent_id]
                 if correction.applied and correction.measured and correction.covariance is not None:
-                    self._controls.append((state.agent_id, Control(
-                        pose_correction=pose_to_proto(world_from_ego @ correction.ref_from_agent,
-                                                      planar_to_pose_covariance(correction.covariance)),
-                        pose_correction_sequence=c.sequence)))
-                    state.correction_sent = c.sequence
-                    state.corrections_sent += 1
-                    state.correction_sizes.append((float(np.hypot(*correction.delta[:2])),
-                                                   float(np.degrees(abs(correction.delta[2])))))
+                    self._queue_control(state, c.sequence, world_from_ego @ correction.ref_from_agent,
+                                        correction.delta, planar_to_pose_covariance(correction.covariance))
                 continue
             if c.pose_correction_sequence < state.correction_sent:
                 self.corrector.forget(state.agent_id)  # still the frames sent before the last correction
                 continue
             steady = self.corrector.steady_error(state.agent_id)
-            if steady is None:
-                continue
-            estimate = c.world_from_agent @ steady
-            self._controls.append((state.agent_id, Control(pose_correction=pose_to_proto(estimate),
-                                                           pose_correction_sequence=c.sequence)))
-            state.correction_sent = c.sequence
-            state.corrections_sent += 1
-            state.correction_sizes.append((float(np.hypot(*steady[:2, 3])),
-                                           float(np.degrees(abs(np.arctan2(steady[1, 0], steady[0, 0]))))))
-            self.corrector.forget(state.agent_id)
+            if steady is not None:
+                self._queue_control(state, c.sequence, c.world_from_agent @ steady, planar_delta(steady))
+                self.corrector.forget(state.agent_id)
+
+    def _queue_control(self, state: AgentState, sequence: int, estimate: np.ndarray, delta: np.ndarray,
+                       covariance: np.ndarray | None = None) -> None:
+        """Queue a pose correction for ``state``'s agent (its frame ``sequence`` is at ``estimate``, moved by
+        ``delta``: x, y, heading) and count it."""
+        self._controls.append((state.agent_id, Control(pose_correction=pose_to_proto(estimate, covariance),
+                                                       pose_correction_sequence=sequence)))
+        state.correction_sent = sequence
+        state.corrections_sent += 1
+        state.correction_sizes.append((float(np.hypot(*delta[:2])), float(np.degrees(abs(delta[2])))))
 
     def _send_corrections(self) -> None:
         controls, self._controls = self._controls, []

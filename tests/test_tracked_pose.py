@@ -132,3 +132,14 @@ def test_orthonormal_removes_a_rotation_s_drift_and_covariances_convert_both_way
     assert np.allclose(pose_to_planar_covariance(full), planar) and full[2, 2] == 0.0
     sigma = pose_covariance_sigma(planar_to_pose_covariance(np.diag([0.25, 0.25, 0.0001])))
     assert sigma.xy_m == pytest.approx(0.5) and sigma.yaw_rad == pytest.approx(0.01)
+
+
+def test_of_several_estimates_waiting_the_newest_usable_one_is_taken() -> None:
+    pose = TrackedPose(PoseCorrectionConfig(max_shift_m=2.0))
+    _drive(pose, 3, estimates=False)
+    pose.on_correction(1, _truth(1) @ FRAME_IN_OWN, PRECISE)
+    pose.on_correction(2, _pose(5.0, 0.0, 0.0, 0.0) @ _truth(2) @ FRAME_IN_OWN, PRECISE)  # 5 m off: refused
+    odom = _pose(3.0, -4.0, 1.0, 0.0) @ invert_se3(_truth(0)) @ _truth(3)
+    reported, _, carried = pose.report(3, _truth(3), GNSS, odom, ODOMETRY)
+    assert (pose.applied, pose.refused, carried) == (1, 1, 1)  # frame 2's refused, frame 1's taken
+    assert _error(reported, _truth(3))[0] < 0.05
